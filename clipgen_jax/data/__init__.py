@@ -1,0 +1,1 @@
+"""Data: the Shapes world, image sources and grain pipelines."""

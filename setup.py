@@ -1,0 +1,42 @@
+"""clipgen_jax: CLIP-GEN (language-free text-to-image training with CLIP) in JAX/Flax."""
+
+import setuptools
+
+# Ranges verified together on Python 3.11 (CPU). transformers 5.x removed every Flax model, hence the upper pin;
+# its `[flax]` extra pins jax 0.4 and must not be used. TensorFlow is never required (array_record + grain).
+INSTALL_REQUIRES = [
+    "jax>=0.8.0",
+    "flax>=0.12.0",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11.20",
+    "ml_collections>=1.0.0",
+    "tensorflow-datasets>=4.9.9",
+    "array_record>=0.8.1",
+    "grain>=0.2.12",
+    "transformers>=4.57.6,<5",
+    "numpy>=1.26",
+    "Pillow>=10.0",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6.2",
+    "absl-py>=2.1",
+    # tensorflow-datasets needs it for builders defined outside its tree but declares it only for Python < 3.9.
+    "importlib_resources>=6.0",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8.0"],
+    # Reading tfrecord-format TFDS datasets (tfds.load) needs TensorFlow; array_record datasets do not.
+    "tf": ["tensorflow>=2.16"],
+    "cuda": ["jax[cuda12]>=0.8.0"],
+    "tpu": ["jax[tpu]>=0.8.0"],
+}
+
+setuptools.setup(
+    name="clipgen_jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["clipgen_jax", "clipgen_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

@@ -1,0 +1,31 @@
+"""Shared test setup: a persistent JAX compilation cache (also inherited by subprocesses) and seeded fixtures."""
+
+import os
+import pathlib
+
+_CACHE_DIR = pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax_test_compilation"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE_DIR))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+import pathlib as _pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = _pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shapes_data_dir(tmp_path_factory) -> _pathlib.Path:
+    """A TFDS data_dir holding the `tiny` Shapes build, made once per test session."""
+    from clipgen_jax.data import shapes_tfds
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    shapes_tfds.prepare("tiny", data_dir=str(data_dir))
+    return data_dir

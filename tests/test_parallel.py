@@ -1,0 +1,54 @@
+"""Mesh and sharding rules (on the single CPU device, plus the pure parameter-spec logic)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from clipgen_jax import parallel
+
+
+def test_mesh_over_all_devices_with_data_and_fsdp_axes():
+    mesh = parallel.make_mesh()
+    assert mesh.axis_names == ("data", "fsdp")
+    assert mesh.shape == {"data": jax.device_count(), "fsdp": 1}
+
+
+def test_fsdp_must_divide_the_device_count():
+    with pytest.raises(ValueError, match="mesh.fsdp=3 must be a positive divisor of the device count 1"):
+        parallel.make_mesh(fsdp=3)
+
+
+@pytest.mark.parametrize("shape, fsdp, expected", [
+    ((1024, 4096), 4, P(None, "fsdp")),          # largest divisible dimension
+    ((4096, 1024), 4, P("fsdp", None)),
+    ((3, 3, 512, 1024), 8, P(None, None, None, "fsdp")),
+    ((4097, 1023), 4, P()),                      # nothing divisible: replicated
+    ((128,), 4, P()),                            # small: replicated
+    ((1024, 4096), 1, P()),                      # no fsdp axis: replicated
+])
+def test_fsdp_parameter_spec(shape, fsdp, expected):
+    assert parallel._param_spec(shape, fsdp) == expected
+
+
+def test_put_batch_shards_numeric_features_and_keeps_strings_on_host():
+    mesh = parallel.make_mesh()
+    batch = {"image": np.ones((4, 2, 2, 3), np.float32), "shape": np.arange(4), "caption": np.array(["a"] * 4)}
+    on_device = parallel.put_batch(batch, mesh)
+    assert sorted(on_device) == ["image", "shape"]
+    assert on_device["image"].sharding == parallel.batch_sharding(mesh)
+    np.testing.assert_array_equal(np.asarray(on_device["shape"]), np.arange(4))
+
+
+def test_global_batch_must_split_over_devices():
+    assert parallel.global_batch_to_process_batch(8) == 8
+    with pytest.raises(ValueError, match="global batch size 0 must be a positive multiple of the device count 1"):
+        parallel.global_batch_to_process_batch(0)
+
+
+def test_compute_dtype():
+    assert parallel.compute_dtype("auto") == jnp.float32  # this suite runs on CPU
+    assert parallel.compute_dtype("bfloat16") == jnp.bfloat16
+    with pytest.raises(ValueError, match="compute dtype 'fp8'"):
+        parallel.compute_dtype("fp8")

@@ -1,0 +1,42 @@
+"""Trains one stage: python tools/train.py --config=configs/<stage>.py[:preset] --workdir=DIR [--config.x.y=v].
+
+Running the same command again resumes from the newest checkpoint in DIR.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
+from clipgen_jax import parallel, training
+from clipgen_jax.training import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqgan.py:shapes.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and provenance.")
+_MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() (default: detect from env).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Exit status of a run stopped by SIGTERM after saving (128 + 15), so schedulers see it as not finished.
+PREEMPTED_EXIT_CODE = 143
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    parallel.initialize_multihost(_MULTIHOST.value)
+    try:
+        training.train(_CONFIG.value, _WORKDIR.value)
+    except loop.Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except loop.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
