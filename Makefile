@@ -3,23 +3,31 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast
+.PHONY: install install-test demo test test-fast
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# Tests also need torch + taming-transformers for the checkpoint-parity test (taming without its heavy deps).
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test,parity]'
+	$(PY) -m pip install --quiet --no-deps taming-transformers-rom1504==0.0.6
 	touch $@
 
 demo: install
 	$(PY) tools/demo.py $(DEMO_ARGS)
 
 # The whole suite (fast tier + slow end-to-end tests).
-test: install
+test: install-test
 	$(PY) -m pytest
 
-# Fast tier only (at most a few minutes): the slow end-to-end tests are deselected.
-test-fast: install
+# Fast tier only: the slow end-to-end tests are deselected.
+test-fast: install-test
 	$(PY) -m pytest -m "not slow"

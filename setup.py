@@ -19,14 +19,19 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6.2",
     "absl-py>=2.1",
+    "PyYAML>=6.0",  # taming configs (yaml.safe_load only)
+    "ml_dtypes>=0.4",
     # tensorflow-datasets needs it for builders defined outside its tree but declares it only for Python < 3.9.
     "importlib_resources>=6.0",
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8.0"],
+    "test": ["pytest>=8.0", "scikit-image>=0.22"],  # skimage: reference SSIM and sample photographs
     # Reading tfrecord-format TFDS datasets (tfds.load) needs TensorFlow; array_record datasets do not.
     "tf": ["tensorflow>=2.16"],
+    # The taming-transformers parity test. torch 2.13.0 is a CPU build on the project's machines; add
+    # `pip install --no-deps taming-transformers-rom1504==0.0.6` (its declared deps would pull another torch).
+    "parity": ["torch==2.13.0", "einops>=0.8"],
     "cuda": ["jax[cuda12]>=0.8.0"],
     "tpu": ["jax[tpu]>=0.8.0"],
 }

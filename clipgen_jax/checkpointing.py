@@ -7,12 +7,17 @@ arrays are copied to host memory before `save` returns, and the files are writte
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
+import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from clipgen_jax.models import vqgan
 
 STATE_ITEM = "state"
 DATA_ITEM = "data_iterator"
@@ -66,3 +71,77 @@ class Checkpointer:
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+
+
+BUNDLE_METADATA = "metadata.json"
+BUNDLE_PARAMS = "params"
+
+
+def save_bundle(directory: str | pathlib.Path, params: Any, metadata: dict, *, overwrite: bool = False
+                ) -> pathlib.Path:
+    """An inference bundle: `metadata.json` (what the params are: kind, model config, provenance) and an Orbax
+    `params/` checkpoint. Written to a temporary sibling and renamed, so a directory that exists is complete; with
+    `overwrite`, an existing bundle is replaced only once the new one is complete."""
+    directory = pathlib.Path(directory).absolute()
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} already exists; choose a new output directory or remove it")
+    temporary = directory.with_name(f".{directory.name}.incomplete")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(temporary / BUNDLE_PARAMS, params)
+    checkpointer.wait_until_finished()
+    (temporary / BUNDLE_METADATA).write_text(json.dumps(metadata, indent=2))
+    if directory.exists():
+        replaced = directory.with_name(f".{directory.name}.replaced")
+        directory.rename(replaced)
+        temporary.rename(directory)
+        shutil.rmtree(replaced)
+    else:
+        temporary.rename(directory)
+    return directory
+
+
+def is_bundle(directory: str | pathlib.Path) -> bool:
+    return (pathlib.Path(directory) / BUNDLE_METADATA).is_file()
+
+
+def load_bundle_metadata(directory: str | pathlib.Path) -> dict:
+    path = pathlib.Path(directory) / BUNDLE_METADATA
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not an inference bundle (no {BUNDLE_METADATA})")
+    return json.loads(path.read_text())
+
+
+def load_bundle_params(directory: str | pathlib.Path, abstract_params: Any) -> Any:
+    """Params of a bundle, restored into `abstract_params` (ShapeDtypeStructs, optionally with shardings)."""
+    return ocp.StandardCheckpointer().restore(pathlib.Path(directory).absolute() / BUNDLE_PARAMS, abstract_params)
+
+
+# A finished training run exports its inference weights here (a bundle), for later stages and tools to load.
+EXPORT_DIR = "export"
+
+
+def bundle_path(path: str | pathlib.Path, kind: str) -> pathlib.Path:
+    """The bundle a path names: a bundle itself, or a finished training workdir's `export/`; of the given kind."""
+    path = pathlib.Path(path)
+    if not is_bundle(path) and is_bundle(path / EXPORT_DIR):
+        path = path / EXPORT_DIR
+    if not is_bundle(path):
+        raise FileNotFoundError(f"{path} holds no {kind} bundle: pass a finished training workdir (with "
+                                f"{EXPORT_DIR}/) or an exported/converted bundle")
+    found = load_bundle_metadata(path).get("kind")
+    if found != kind:
+        raise ValueError(f"{path} holds a {found!r} bundle, not a {kind!r} one")
+    return path
+
+
+def load_vqgan(path: str | pathlib.Path, dtype=None):
+    """(model, params, metadata) of a VQGAN bundle: a finished VQGAN workdir or `tools/convert_taming.py` output."""
+    path = bundle_path(path, "vqgan")
+    metadata = load_bundle_metadata(path)
+    model = vqgan.from_config(metadata["model"], dtype or jnp.float32)
+    size = model.resolution
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"])
+    return model, load_bundle_params(path, abstract), metadata

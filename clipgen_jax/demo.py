@@ -39,7 +39,11 @@ def run(out: str | pathlib.Path = "runs/shapes", quick: bool = False) -> dict:
     state = _timed(results, "train_autoencoder", training.train, config, out / "autoencoder")
 
     stage = autoencoder.AutoencoderStage(config)
-    reconstruct = jax.jit(lambda x: stage.model.apply({"params": state.params}, x))
+    apply = jax.jit(lambda x: stage.model.apply({"params": state.params}, x))
+
+    def reconstruct(images_BHWC):
+        return apply(images_BHWC), None
+
     eval_data = config.data.copy_and_resolve_references()
     heldout = images.make_batch_iterator(eval_data, split="heldout", batch_size=config.train.eval_batch_size,
                                          seed=config.seed, shuffle=False, num_epochs=1)

@@ -1,12 +1,19 @@
-"""How well an image -> image model (an autoencoder, a VQGAN) keeps what matters: PSNR, and on Shapes whether the
-oracle reads the same five attributes from the reconstruction as from the input."""
+"""How well an image -> image model (an autoencoder, a VQGAN) keeps what matters: PSNR, SSIM, optionally LPIPS,
+codebook statistics for tokenizers, and on Shapes whether the oracle reads the same five attributes from the
+reconstruction as from the input."""
 
 from typing import Callable, Iterable
 
+import jax
 import numpy as np
 
-from clipgen_jax.data import shapes
+from clipgen_jax import checkpointing
+from clipgen_jax.data import images, shapes
+from clipgen_jax.models import lpips
 from clipgen_jax.evaluation import image_metrics
+
+# images [B, H, W, 3] in [-1, 1] -> (reconstructions [B, H, W, 3], int token grids [B, h, w] or None)
+Reconstructor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
 def oracle_agreement(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray) -> np.ndarray:
@@ -18,21 +25,54 @@ def oracle_agreement(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray) -> n
     return agree
 
 
-def evaluate(reconstruct: Callable[[np.ndarray], np.ndarray], batches: Iterable[dict], *,
-             shapes_oracle: bool) -> dict[str, float]:
-    """Mean PSNR (dB, on the saved uint8 pixels) over every image of `batches`; with `shapes_oracle`, per-attribute and
-    all-attribute oracle agreement between input and reconstruction."""
-    psnrs, agreements = [], []
+def evaluate(reconstruct: Reconstructor, batches: Iterable[dict], *, shapes_oracle: bool,
+             codebook_size: int | None = None,
+             perceptual: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+    """Means over every image of `batches`, measured on the uint8 pixels a saved PNG would hold."""
+    per_image: dict[str, list] = {"psnr": [], "ssim": []}
+    if perceptual is not None:
+        per_image["lpips"] = []
+    agreements = []
+    token_counts = np.zeros(codebook_size or 0, np.int64)
     for batch in batches:
         inputs_u8 = image_metrics.to_uint8(batch["image"])
-        reconstructions_u8 = image_metrics.to_uint8(reconstruct(batch["image"]))
-        psnrs.append(np.asarray(image_metrics.psnr(inputs_u8 / 127.5 - 1.0, reconstructions_u8 / 127.5 - 1.0)))
+        reconstructions, tokens = reconstruct(batch["image"])
+        reconstructions_u8 = image_metrics.to_uint8(reconstructions)
+        inputs, outputs = inputs_u8 / 127.5 - 1.0, reconstructions_u8 / 127.5 - 1.0
+        per_image["psnr"].append(np.asarray(image_metrics.psnr(outputs, inputs)))
+        per_image["ssim"].append(np.asarray(image_metrics.ssim(outputs, inputs)))
+        if perceptual is not None:
+            per_image["lpips"].append(np.asarray(perceptual(inputs, outputs)))
+        if codebook_size:
+            token_counts += np.bincount(np.asarray(tokens).reshape(-1), minlength=codebook_size)
         if shapes_oracle:
             agreements.append(oracle_agreement(inputs_u8, reconstructions_u8))
-    results = {"num_images": int(sum(len(p) for p in psnrs)), "psnr": float(np.concatenate(psnrs).mean())}
+    results = {"num_images": int(sum(len(v) for v in per_image["psnr"]))}
+    results.update({name: float(np.concatenate(values).mean()) for name, values in per_image.items()})
+    if codebook_size:
+        results.update(image_metrics.code_statistics(token_counts))
     if shapes_oracle:
         agree = np.concatenate(agreements)
         results.update({f"oracle_agreement/{name}": float(agree[:, i].mean())
                         for i, name in enumerate(shapes.ATTRIBUTE_NAMES)})
         results["oracle_agreement/all"] = float(agree.all(axis=1).mean())
     return results
+
+
+def evaluate_vqgan(vqgan_path: str, data_config, *, split: str, batch_size: int = 100,
+                   lpips_weights: str | None = None, with_lpips: bool = False) -> dict[str, float]:
+    """Reconstruction metrics of a VQGAN bundle on every image of a split (center crops, no augmentation)."""
+    model, params, _ = checkpointing.load_vqgan(vqgan_path)
+    if data_config.image_size != model.resolution:
+        raise ValueError(f"data.image_size={data_config.image_size} but the VQGAN takes {model.resolution} px images")
+    data_config = data_config.copy_and_resolve_references()
+    data_config.crop, data_config.flip = "center", False
+    apply = jax.jit(lambda x: model.apply({"params": params}, x)[:2])
+    lpips_fn = None
+    if with_lpips:
+        lpips_params = lpips.load_params(lpips_weights)
+        lpips_fn = jax.jit(lambda x, y: lpips.lpips_distance(lpips_params, x, y))
+    batches = images.make_batch_iterator(data_config, split=split, batch_size=batch_size, seed=0, shuffle=False,
+                                         num_epochs=1)
+    return evaluate(lambda x: jax.device_get(apply(x)), batches, shapes_oracle=images.is_shapes(data_config),
+                    codebook_size=model.codebook_size, perceptual=lpips_fn)

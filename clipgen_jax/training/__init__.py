@@ -7,6 +7,7 @@ import ml_collections
 # Stage name (config.stage) -> module; imported on demand so that a stage's dependencies load only when it runs.
 TRAINERS = {
     "autoencoder": "clipgen_jax.training.autoencoder",
+    "vqgan": "clipgen_jax.training.vqgan",
 }
 
 

@@ -1,0 +1,198 @@
+"""Stage 1: the VQGAN tokenizer, trained as taming-transformers does, on the shared loop.
+
+Generator loss: L1 (+ optional L2) reconstruction + perceptual (LPIPS) + quantizer terms + an adaptively weighted GAN
+term, weight = ||grad_last rec|| / (||grad_last gan|| + 1e-4), clamped, times disc_weight, from `disc_start` on.
+The discriminator (PatchGAN) has its own Adam optimizer. One jitted step updates both.
+
+The adaptive weight only needs gradients at the decoder's last convolution, so the step backpropagates each loss to
+the reconstruction, takes the two last-layer gradients from that convolution alone, and then runs one backward pass
+through the generator with the combined cotangent (taming runs two extra partial backward passes instead).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from clipgen_jax import checkpointing, parallel
+from clipgen_jax.evaluation import image_metrics
+from clipgen_jax.models import discriminator as discriminator_lib
+from clipgen_jax.models import lpips, quantizers, vqgan
+from clipgen_jax.training import loop
+
+@flax.struct.dataclass
+class VQGANState:
+    step: jax.Array
+    params: Any  # generator (encoder, quantizer, decoder)
+    opt_state: Any
+    disc_params: Any
+    disc_opt_state: Any
+    ema_params: Any  # exponential moving average of `params`; None when train.ema_decay is 0
+    code_usage: jax.Array  # [K] moving average of how often each code is chosen per step (dead-code restarts)
+    rng: jax.Array
+
+
+def check_image_size(model: vqgan.VQGAN, image_size: int) -> None:
+    if image_size != model.resolution:
+        raise ValueError(
+            f"data.image_size={image_size} but this VQGAN preset is built for {model.resolution} px images; set "
+            f"--config.data.image_size={model.resolution} or choose a preset for {image_size} px")
+
+
+class VQGANStage:
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.model = vqgan.from_config(config.model, parallel.compute_dtype(config.train.compute_dtype))
+        check_image_size(self.model, config.data.image_size)
+        loss = config.loss
+        self.use_gan = loss.disc_weight > 0
+        self.use_perceptual = loss.perceptual_weight > 0
+        if self.use_perceptual:
+            self.lpips_params = lpips.load_params(loss.lpips_weights)  # a clear error names the fetch command
+        self.discriminator = discriminator_lib.NLayerDiscriminator(
+            ndf=loss.disc_ndf, n_layers=loss.disc_layers, dtype=self.model.dtype, param_dtype=jnp.float32)
+        opt = config.optimizer
+        self.optimizer = optax.adam(opt.learning_rate, b1=opt.b1, b2=opt.b2)
+        self.disc_optimizer = optax.adam(opt.disc_learning_rate, b1=opt.b1, b2=opt.b2)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def init_state(self, rng: jax.Array) -> VQGANState:
+        gen_rng, disc_rng, state_rng = jax.random.split(rng, 3)
+        size = self.model.resolution
+        params = self.model.init(gen_rng, jnp.zeros((1, size, size, 3)))["params"]
+        disc_params = self.discriminator.init(disc_rng, jnp.zeros((1, size, size, 3)))["params"]
+        return VQGANState(
+            step=jnp.asarray(0, jnp.int32), params=params, opt_state=self.optimizer.init(params),
+            disc_params=disc_params, disc_opt_state=self.disc_optimizer.init(disc_params),
+            ema_params=params if self.config.train.ema_decay > 0 else None,
+            code_usage=jnp.ones((self.model.codebook_size,), jnp.float32), rng=state_rng)
+
+    def _reconstruction_loss(self, images, reconstructions):
+        loss = self.config.loss
+        terms = {"l1": jnp.mean(jnp.abs(images - reconstructions))}
+        total = loss.l1_weight * terms["l1"]
+        if loss.l2_weight > 0:
+            terms["l2"] = jnp.mean(jnp.square(images - reconstructions))
+            total += loss.l2_weight * terms["l2"]
+        if self.use_perceptual:
+            terms["perceptual"] = jnp.mean(
+                lpips.lpips_distance(self.lpips_params, images, reconstructions, dtype=self.model.dtype))
+            total += loss.perceptual_weight * terms["perceptual"]
+        return total, terms
+
+    def _adaptive_gan_weight(self, last_layer_input, kernel, rec_cotangent, gan_cotangent):
+        """||d rec / d W_last|| / (||d gan / d W_last|| + 1e-4), clamped: the gradients at the decoder's last conv."""
+
+        def last_conv(w):
+            return jax.lax.conv_general_dilated(last_layer_input.astype(jnp.float32), w, (1, 1), "SAME",
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+        _, conv_vjp = jax.vjp(last_conv, kernel.astype(jnp.float32))
+        rec_norm = jnp.linalg.norm(conv_vjp(rec_cotangent)[0])
+        gan_norm = jnp.linalg.norm(conv_vjp(gan_cotangent)[0])
+        weight = discriminator_lib.adaptive_gan_weight(rec_norm, gan_norm, self.config.loss.disc_adaptive_max)
+        return jax.lax.stop_gradient(weight)
+
+    def train_step(self, state: VQGANState, batch: dict) -> tuple[VQGANState, loop.Metrics]:
+        cfg = self.config
+        images = batch["image"]
+        step_rng = jax.random.fold_in(state.rng, state.step)
+
+        def generator(params):
+            (reconstructions, indices, q_losses, latents), variables = self.model.apply(
+                {"params": params}, images, mutable=["intermediates"])
+            last_input = variables["intermediates"]["decoder"][vqgan.LAST_LAYER_INPUT][0]
+            return (reconstructions, q_losses["total"]), (indices, q_losses, latents, last_input)
+
+        (reconstructions, q_total), generator_vjp, (indices, q_losses, latents, last_input) = jax.vjp(
+            generator, state.params, has_aux=True)
+        (rec_loss, rec_terms), rec_cotangent = jax.value_and_grad(
+            lambda r: self._reconstruction_loss(images, r), has_aux=True)(reconstructions)
+        metrics = {**rec_terms, "codebook_loss": q_losses["codebook"], "commitment_loss": q_losses["commitment"]}
+        loss = rec_loss + cfg.loss.codebook_weight * q_total
+        cotangent = rec_cotangent
+
+        disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+        if self.use_gan:
+            gan_on = (state.step >= cfg.loss.disc_start).astype(jnp.float32)
+
+            def generator_gan_loss(r):
+                return discriminator_lib.generator_loss(
+                    self.discriminator.apply({"params": state.disc_params}, r), cfg.loss.gan_loss)
+
+            gan_loss, gan_cotangent = jax.value_and_grad(generator_gan_loss)(reconstructions)
+            kernel = state.params["decoder"]["conv_out"]["kernel"]
+            d_weight = self._adaptive_gan_weight(last_input, kernel, rec_cotangent, gan_cotangent)
+            gan_scale = d_weight * cfg.loss.disc_weight * gan_on
+            loss += gan_scale * gan_loss
+            cotangent = rec_cotangent + gan_scale * gan_cotangent
+
+            def disc_loss_fn(d_params):
+                real = self.discriminator.apply({"params": d_params}, images)
+                fake = self.discriminator.apply({"params": d_params}, jax.lax.stop_gradient(reconstructions))
+                return gan_on * discriminator_lib.discriminator_loss(real, fake, cfg.loss.gan_loss), (real, fake)
+
+            (disc_loss, (real, fake)), disc_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(disc_params)
+            disc_updates, disc_opt_state = self.disc_optimizer.update(disc_grads, disc_opt_state, disc_params)
+            disc_params = optax.apply_updates(disc_params, disc_updates)
+            metrics.update(gan_loss=gan_loss, adaptive_weight=d_weight, disc_loss=disc_loss,
+                           logits_real=jnp.mean(real), logits_fake=jnp.mean(fake))
+
+        grads = generator_vjp((cotangent, jnp.asarray(cfg.loss.codebook_weight, q_total.dtype)))[0]
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        counts = quantizers.code_usage_counts(indices, self.model.codebook_size)
+        decay = cfg.quantizer.usage_decay
+        code_usage = decay * state.code_usage + (1.0 - decay) * counts
+        if cfg.quantizer.restart_dead_codes:
+            restart_now = (state.step + 1) % cfg.quantizer.restart_every == 0
+            restarted = quantizers.restart_dead_codes(
+                params["quantize"]["codebook"], code_usage, latents.reshape(-1, latents.shape[-1]), step_rng,
+                cfg.quantizer.restart_threshold)
+            params["quantize"]["codebook"] = jnp.where(restart_now, restarted, params["quantize"]["codebook"])
+            code_usage = jnp.where(restart_now & (code_usage < cfg.quantizer.restart_threshold), 1.0, code_usage)
+
+        ema_params = state.ema_params
+        if ema_params is not None:
+            ema_params = optax.incremental_update(params, ema_params, 1.0 - cfg.train.ema_decay)
+
+        probabilities = counts / counts.sum()
+        metrics.update(
+            loss=loss, grad_norm=optax.tree.norm(grads),
+            psnr=jnp.mean(image_metrics.psnr(reconstructions, images)),
+            batch_code_usage=jnp.mean(counts > 0),
+            batch_perplexity=jnp.exp(-jnp.sum(probabilities * jnp.log(jnp.maximum(probabilities, 1e-10)))))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, disc_params=disc_params,
+                                  disc_opt_state=disc_opt_state, ema_params=ema_params, code_usage=code_usage)
+        return new_state, metrics
+
+    def inference_params(self, state: VQGANState):
+        return state.ema_params if state.ema_params is not None else state.params
+
+    def eval_step(self, state: VQGANState, batch: dict):
+        images = batch["image"]
+        reconstructions, indices, _, _ = self.model.apply({"params": self.inference_params(state)}, images)
+        shown = 16
+        pairs = jnp.stack([images[:shown], reconstructions[:shown]], axis=1).reshape((-1,) + images.shape[1:])
+        scalars = {"psnr": jnp.mean(image_metrics.psnr(reconstructions, images)),
+                   "l1": jnp.mean(jnp.abs(images - reconstructions))}
+        return scalars, {"inputs_vs_reconstructions": pairs}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> VQGANState:
+    """Trains, then exports the inference weights (EMA when kept) as a bundle in `workdir/export`."""
+    stage = VQGANStage(config)
+    state = loop.run(config, workdir, stage)
+    if jax.process_index() == 0:
+        checkpointing.save_bundle(pathlib.Path(workdir) / checkpointing.EXPORT_DIR, jax.device_get(stage.inference_params(state)),
+                                  {"kind": "vqgan", "model": config.model.to_dict(), "step": int(state.step),
+                                   "data": config.data.to_dict()}, overwrite=True)
+    return state

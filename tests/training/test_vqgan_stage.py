@@ -1,0 +1,82 @@
+"""The VQGAN stage: its jitted step (adaptive GAN weight, restarts, EMA), a tiny run on Shapes, export and reload."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clipgen_jax import checkpointing, training
+from clipgen_jax.training import vqgan as vqgan_training
+
+
+def tiny_config(data_dir=None):
+    config = training.load_config("configs/vqgan.py:tiny")
+    if data_dir is not None:
+        config.data.data_dir = str(data_dir)
+    return config
+
+
+def random_batch(size=32, n=4, seed=0):
+    return {"image": jax.random.uniform(jax.random.PRNGKey(seed), (n, size, size, 3), minval=-1.0, maxval=1.0)}
+
+
+def test_adaptive_weight_equals_ratio_of_full_last_layer_gradients():
+    config = tiny_config()
+    config.loss.disc_start = 0
+    stage = vqgan_training.VQGANStage(config)
+    state = stage.init_state(jax.random.PRNGKey(0))
+    images = random_batch()["image"]
+
+    def last_layer_grad(loss_of_reconstruction):
+        def loss(params):
+            reconstruction = stage.model.apply({"params": params}, images)[0]
+            return loss_of_reconstruction(reconstruction)
+        return jax.grad(loss)(state.params)["decoder"]["conv_out"]["kernel"]
+
+    def gan_loss(r):
+        logits = stage.discriminator.apply({"params": state.disc_params}, r)
+        return -jnp.mean(logits)
+
+    rec_grad = last_layer_grad(lambda r: stage._reconstruction_loss(images, r)[0])
+    gan_grad = last_layer_grad(gan_loss)
+    expected = jnp.linalg.norm(rec_grad) / (jnp.linalg.norm(gan_grad) + 1e-4)
+
+    _, metrics = jax.jit(stage.train_step)(state, {"image": images})
+    np.testing.assert_allclose(metrics["adaptive_weight"], expected, rtol=1e-4)
+
+
+def test_step_restarts_dead_codes_and_tracks_ema():
+    config = tiny_config()
+    config.quantizer.update(restart_every=1, restart_threshold=1e9)  # every code counts as dead
+    stage = vqgan_training.VQGANStage(config)
+    state = stage.init_state(jax.random.PRNGKey(0))
+    new_state, metrics = jax.jit(stage.train_step)(state, random_batch())
+    old_codebook = state.params["quantize"]["codebook"]
+    new_codebook = new_state.params["quantize"]["codebook"]
+    # Every code was re-seeded from the batch's encoder outputs (4 images x 16 positions): far from the tiny init.
+    assert float(jnp.min(jnp.linalg.norm(new_codebook - old_codebook, axis=-1))) > 1e-2
+    assert np.all(np.asarray(new_state.code_usage) == 1.0)
+    ema = jax.tree.leaves(new_state.ema_params)[0]
+    before, after = jax.tree.leaves(state.params)[0], jax.tree.leaves(new_state.params)[0]
+    np.testing.assert_allclose(ema, 0.9 * before + 0.1 * after, rtol=1e-5, atol=1e-7)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_image_size_the_preset_cannot_take_is_a_clear_error():
+    config = tiny_config()
+    config.data.image_size = 64
+    with pytest.raises(ValueError, match="data.image_size=64 but this VQGAN preset is built for 32 px images"):
+        vqgan_training.VQGANStage(config)
+
+
+def test_tiny_run_exports_a_bundle_that_reloads(shapes_data_dir, tmp_path):
+    config = tiny_config(shapes_data_dir)
+    state = training.train(config, tmp_path)
+    assert int(state.step) == config.train.steps
+    model, params, metadata = checkpointing.load_vqgan(tmp_path)
+    assert metadata["kind"] == "vqgan" and metadata["step"] == config.train.steps
+    for exported, ema in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(exported), np.asarray(ema))
+    tokens = model.apply({"params": params}, random_batch()["image"], method=model.encode)
+    assert tokens.shape == (4, 16, 16)
+    assert int(tokens.max()) < config.model.codebook_size

@@ -1,0 +1,58 @@
+"""Evaluates a trained stage.
+
+  python tools/evaluate.py vqgan --vqgan=runs/vqgan [--split=heldout] [--lpips] [--out=FILE]
+      PSNR, SSIM (and LPIPS with --lpips), codebook usage and perplexity of the tokens, and on Shapes the oracle
+      agreement between each input and its reconstruction. The data defaults to the VQGAN's training data (from its
+      bundle); override it with --source/--name/--data_dir/--folder.
+Results are printed as JSON and written to --out (default: <bundle>/eval_<split>.json).
+"""
+
+import json
+import pathlib
+
+from absl import app, flags
+
+import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
+from clipgen_jax import checkpointing
+from clipgen_jax.data import images
+from clipgen_jax.evaluation import reconstruction
+
+_VQGAN = flags.DEFINE_string("vqgan", None, "VQGAN training workdir or bundle.")
+_SPLIT = flags.DEFINE_string("split", "heldout", "Split to evaluate on.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 100, "Images per batch.")
+_LPIPS = flags.DEFINE_bool("lpips", False, "Also report LPIPS (needs the LPIPS weights file).")
+_LPIPS_WEIGHTS = flags.DEFINE_string("lpips_weights", None, "LPIPS weights .npz (default location if unset).")
+_OUT = flags.DEFINE_string("out", None, "JSON output file.")
+_DATA_FIELDS = {name: flags.DEFINE_string(name, None, f"Data source field `{name}` (default: the training data's).")
+                for name in ("source", "name", "data_dir", "folder")}
+
+SUBCOMMANDS = ("vqgan",)
+
+
+def _data_config(metadata: dict):
+    config = images.default_data_config()
+    config.update(metadata.get("data", {}))
+    config.image_size = metadata["model"]["resolution"]
+    for name, flag in _DATA_FIELDS.items():
+        if flag.value is not None:
+            config[name] = flag.value
+    return config
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
+        raise app.UsageError(f"usage: evaluate.py {{{'|'.join(SUBCOMMANDS)}}} [flags]")
+    if not _VQGAN.value:
+        raise app.UsageError("--vqgan is required: a VQGAN training workdir or bundle")
+    bundle = checkpointing.bundle_path(_VQGAN.value, "vqgan")
+    results = reconstruction.evaluate_vqgan(
+        str(bundle), _data_config(checkpointing.load_bundle_metadata(bundle)), split=_SPLIT.value,
+        batch_size=_BATCH_SIZE.value, with_lpips=_LPIPS.value, lpips_weights=_LPIPS_WEIGHTS.value)
+    results = {"vqgan": str(bundle), "split": _SPLIT.value, **results}
+    out = pathlib.Path(_OUT.value or bundle / f"eval_{_SPLIT.value}.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
