@@ -19,6 +19,8 @@ import orbax.checkpoint as ocp
 
 from clipgen_jax.models import vqgan
 
+logger = logging.getLogger(__name__)
+
 STATE_ITEM = "state"
 DATA_ITEM = "data_iterator"
 
@@ -58,7 +60,7 @@ class Checkpointer:
             try:
                 return self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 (any failure to read a checkpoint means: try an older one)
-                logging.warning("checkpoint %s/%d is unreadable (%s: %s); trying an older one",
+                logger.warning("checkpoint %s/%d is unreadable (%s: %s); trying an older one",
                                 self.directory, step, type(e).__name__, e)
         return None
 

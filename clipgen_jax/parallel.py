@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+logger = logging.getLogger(__name__)
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
@@ -37,7 +39,7 @@ def initialize_multihost(enabled: bool | None = None) -> None:
         enabled = any(os.environ.get(v) for v in _MULTIHOST_ENV_VARS) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
     if enabled and not jax.distributed.is_initialized():
         jax.distributed.initialize()
-        logging.info("process %d of %d, %d local devices of %d", jax.process_index(), jax.process_count(),
+        logger.info("process %d of %d, %d local devices of %d", jax.process_index(), jax.process_count(),
                      jax.local_device_count(), jax.device_count())
 
 

@@ -16,6 +16,7 @@ import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
 from clipgen_jax import checkpointing
 from clipgen_jax.data import images
 from clipgen_jax.evaluation import reconstruction
+from clipgen_jax.training import writer
 
 _VQGAN = flags.DEFINE_string("vqgan", None, "VQGAN training workdir or bundle.")
 _SPLIT = flags.DEFINE_string("split", "heldout", "Split to evaluate on.")
@@ -40,6 +41,7 @@ def _data_config(metadata: dict):
 
 
 def main(argv):
+    writer.configure_console_logging()
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
         raise app.UsageError(f"usage: evaluate.py {{{'|'.join(SUBCOMMANDS)}}} [flags]")
     if not _VQGAN.value:

@@ -3,7 +3,6 @@
 Running the same command again resumes from the newest checkpoint in DIR.
 """
 
-import logging
 import sys
 
 from absl import app, flags
@@ -11,7 +10,7 @@ from ml_collections import config_flags
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
 from clipgen_jax import parallel, training
-from clipgen_jax.training import loop
+from clipgen_jax.training import loop, writer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqgan.py:shapes.",
                                           lock_config=True)
@@ -26,7 +25,7 @@ PREEMPTED_EXIT_CODE = 143
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+    writer.configure_console_logging()
     parallel.initialize_multihost(_MULTIHOST.value)
     try:
         training.train(_CONFIG.value, _WORKDIR.value)

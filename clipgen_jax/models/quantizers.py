@@ -75,7 +75,10 @@ class VectorQuantizer(nn.Module):
         """Code vectors for integer indices of any shape: [..., D]."""
         return jnp.take(self.code_vectors(), indices, axis=0)
 
-    def __call__(self, z: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
+    def __call__(self, z: jnp.ndarray, bypass: bool | jax.Array = False
+                 ) -> tuple[jnp.ndarray, jnp.ndarray, dict[str, jnp.ndarray]]:
+        """`bypass` (a traced bool is fine) passes z through unquantized, for a continuous warm-up; indices and loss
+        terms are computed either way, so the codebook keeps tracking the latents."""
         z = z.astype(jnp.float32)
         if self.kind == "l2":
             z = _l2_normalize(z)
@@ -88,7 +91,7 @@ class VectorQuantizer(nn.Module):
             total = self.beta * codebook_term + commitment_term
         else:
             total = codebook_term + self.beta * commitment_term
-        quantized = z + jax.lax.stop_gradient(quantized - z)
+        quantized = z + jax.lax.stop_gradient(quantized - z) * (1.0 - jnp.asarray(bypass, jnp.float32))
         return quantized, indices, {"codebook": codebook_term, "commitment": commitment_term, "total": total}
 
 

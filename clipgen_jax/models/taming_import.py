@@ -32,6 +32,8 @@ import yaml
 from clipgen_jax import checkpointing, safe_pickle
 from clipgen_jax.models import vqgan
 
+logger = logging.getLogger(__name__)
+
 Reader = Literal["auto", "torch", "restricted"]
 StateDict = dict[str, np.ndarray]
 
@@ -191,7 +193,7 @@ def read_state_dict(ckpt_path: str | pathlib.Path, *, reader: Reader = "auto") -
         except pickle.UnpicklingError:
             if reader == "torch":
                 raise
-            logging.info("torch.load(weights_only=True) refused %s; reading it with the restricted reader", path)
+            logger.info("torch.load(weights_only=True) refused %s; reading it with the restricted reader", path)
             state_dict = _read_restricted(path)
     elif reader in ("auto", "restricted"):
         state_dict = _read_restricted(path)

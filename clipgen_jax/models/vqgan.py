@@ -15,13 +15,16 @@ import jax.numpy as jnp
 from clipgen_jax.models import quantizers
 
 # taming's Normalize(): GroupNorm with 32 groups and eps 1e-6.
-NORM_GROUPS = 32
+TAMING_NORM_GROUPS = 32
 NORM_EPSILON = 1e-6
 LAST_LAYER_INPUT = "last_layer_input"
 
 
 class _Layers(nn.Module):
     """Base of the tokenizer's blocks: one dtype policy and taming's conv and norm settings."""
+    # Narrow models want fewer groups: with as many groups as channels, GroupNorm normalises each channel alone
+    # and removes every per-channel offset (e.g. a background colour) at each block.
+    norm_groups: int = TAMING_NORM_GROUPS
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -30,7 +33,7 @@ class _Layers(nn.Module):
                        param_dtype=self.param_dtype, name=name)
 
     def norm(self, name: str):
-        return nn.GroupNorm(num_groups=NORM_GROUPS, epsilon=NORM_EPSILON, dtype=self.dtype,
+        return nn.GroupNorm(num_groups=self.norm_groups, epsilon=NORM_EPSILON, dtype=self.dtype,
                             param_dtype=self.param_dtype, name=name)
 
 
@@ -59,55 +62,60 @@ class AttnBlock(_Layers):
         return x_BHWC + self.conv(channels, kernel=1, name="proj_out")(attended)
 
 
-class Encoder(_Layers):
+class _Tower(_Layers):
+    """What the encoder and the decoder share: taming's level structure and its middle (block, attention, block)."""
     ch: int = 128
     ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
     attn_resolutions: Sequence[int] = (16,)
-    z_channels: int = 256
     resolution: int = 256
+
+    def block(self, features: int, name: str) -> ResnetBlock:
+        return ResnetBlock(features=features, name=name, norm_groups=self.norm_groups, dtype=self.dtype,
+                           param_dtype=self.param_dtype)
+
+    def attention(self, name: str) -> AttnBlock:
+        return AttnBlock(name=name, norm_groups=self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def middle(self, h):
+        h = self.block(h.shape[-1], "mid_block_1")(h)
+        h = self.attention("mid_attn_1")(h)
+        return self.block(h.shape[-1], "mid_block_2")(h)
+
+
+class Encoder(_Tower):
+    z_channels: int = 256
 
     @nn.compact
     def __call__(self, x_BHWC):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = self.conv(self.ch, name="conv_in")(x_BHWC.astype(self.dtype))
         resolution = self.resolution
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
-                h = ResnetBlock(features=self.ch * mult, name=f"down_{level}_block_{i}", **kw)(h)
+                h = self.block(self.ch * mult, f"down_{level}_block_{i}")(h)
                 if resolution in self.attn_resolutions:
-                    h = AttnBlock(name=f"down_{level}_attn_{i}", **kw)(h)
+                    h = self.attention(f"down_{level}_attn_{i}")(h)
             if level != len(self.ch_mult) - 1:
                 # taming pads right and bottom by one, then convolves with stride 2 and no padding.
                 h = self.conv(h.shape[-1], strides=2, padding=((0, 1), (0, 1)), name=f"down_{level}_downsample")(h)
                 resolution //= 2
-        h = ResnetBlock(features=h.shape[-1], name="mid_block_1", **kw)(h)
-        h = AttnBlock(name="mid_attn_1", **kw)(h)
-        h = ResnetBlock(features=h.shape[-1], name="mid_block_2", **kw)(h)
+        h = self.middle(h)
         return self.conv(self.z_channels, name="conv_out")(nn.swish(self.norm("norm_out")(h)))
 
 
-class Decoder(_Layers):
-    ch: int = 128
-    ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    attn_resolutions: Sequence[int] = (16,)
+class Decoder(_Tower):
     out_channels: int = 3
-    resolution: int = 256
 
     @nn.compact
     def __call__(self, z_BhwC):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = self.conv(self.ch * self.ch_mult[-1], name="conv_in")(z_BhwC.astype(self.dtype))
-        h = ResnetBlock(features=h.shape[-1], name="mid_block_1", **kw)(h)
-        h = AttnBlock(name="mid_attn_1", **kw)(h)
-        h = ResnetBlock(features=h.shape[-1], name="mid_block_2", **kw)(h)
+        h = self.middle(h)
         resolution = self.resolution // 2 ** (len(self.ch_mult) - 1)
         for level in reversed(range(len(self.ch_mult))):
             for i in range(self.num_res_blocks + 1):
-                h = ResnetBlock(features=self.ch * self.ch_mult[level], name=f"up_{level}_block_{i}", **kw)(h)
+                h = self.block(self.ch * self.ch_mult[level], f"up_{level}_block_{i}")(h)
                 if resolution in self.attn_resolutions:
-                    h = AttnBlock(name=f"up_{level}_attn_{i}", **kw)(h)
+                    h = self.attention(f"up_{level}_attn_{i}")(h)
             if level != 0:
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour 2x
                 h = self.conv(h.shape[-1], name=f"up_{level}_upsample")(h)
@@ -131,6 +139,7 @@ class VQGAN(nn.Module):
     quantizer: str = "vq"
     beta: float = 0.25
     legacy_beta: bool = False
+    norm_groups: int = TAMING_NORM_GROUPS
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -138,8 +147,8 @@ class VQGAN(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                     attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution)
-        self.encoder = Encoder(z_channels=self.z_channels, **arch, **kw)
-        self.decoder = Decoder(**arch, **kw)
+        self.encoder = Encoder(z_channels=self.z_channels, norm_groups=self.norm_groups, **arch, **kw)
+        self.decoder = Decoder(norm_groups=self.norm_groups, **arch, **kw)
         self.quant_conv = nn.Conv(self.code_dim, (1, 1), **kw)
         self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), **kw)
         self.quantize = quantizers.VectorQuantizer(self.codebook_size, self.code_dim, kind=self.quantizer,
@@ -173,15 +182,16 @@ class VQGAN(nn.Module):
         """The lookup codebook [K, code_dim], e.g. for decoding soft one-hots: `decode_codes(p @ codebook())`."""
         return self.quantize.code_vectors()
 
-    def __call__(self, images_BHWC):
-        """(reconstruction, indices, quantizer loss terms, pre-quantization latents)."""
+    def __call__(self, images_BHWC, bypass_quantizer: bool | jax.Array = False):
+        """(reconstruction, indices, quantizer loss terms, pre-quantization latents). `bypass_quantizer` decodes the
+        continuous latents instead of their codes (a training warm-up)."""
         latents = self.encode_latents(images_BHWC)
-        quantized, indices, losses = self.quantize(latents)
+        quantized, indices, losses = self.quantize(latents, bypass_quantizer)
         return self.decode_codes(quantized), indices, losses, latents
 
 
 CONFIG_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution", "codebook_size",
-                 "code_dim", "quantizer", "beta", "legacy_beta")
+                 "code_dim", "quantizer", "beta", "legacy_beta", "norm_groups")
 
 
 def from_config(model_config, dtype=jnp.float32) -> VQGAN:

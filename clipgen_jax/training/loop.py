@@ -24,6 +24,8 @@ from clipgen_jax import checkpointing, parallel
 from clipgen_jax.data import images
 from clipgen_jax.training import provenance, writer as writer_lib
 
+logger = logging.getLogger(__name__)
+
 Metrics = dict[str, jax.Array]
 
 
@@ -157,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: S
         train_iter.set_state(data_state)
     step = int(state.step)
     if restored is not None:
-        logging.info("resumed from %s at step %d", checkpointer.directory, step)
+        logger.info("resumed from %s at step %d", checkpointer.directory, step)
 
     replicated = parallel.replicated(mesh)
     train_step = jax.jit(_accumulating_step(stage),

@@ -45,6 +45,25 @@ def check_image_size(model: vqgan.VQGAN, image_size: int) -> None:
             f"--config.data.image_size={model.resolution} or choose a preset for {image_size} px")
 
 
+def _image_gradient_l1(images_BHWC, reconstructions_BHWC):
+    """L1 between horizontal and vertical pixel differences: the loss lives on edges and corners, which a plain
+    per-pixel loss weighs by their (small) area."""
+    def differences(x):
+        return x[:, 1:, :, :] - x[:, :-1, :, :], x[:, :, 1:, :] - x[:, :, :-1, :]
+
+    (dy_a, dx_a), (dy_b, dx_b) = differences(images_BHWC), differences(reconstructions_BHWC)
+    return jnp.mean(jnp.abs(dy_a - dy_b)) + jnp.mean(jnp.abs(dx_a - dx_b))
+
+
+def _schedule(peak: float, opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """'constant' (taming) or 'cosine': linear warmup to `peak`, cosine decay to 0 at the last step."""
+    if opt.schedule == "constant":
+        return optax.constant_schedule(peak)
+    if opt.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, opt.warmup_steps, total_steps)
+    raise ValueError(f"optimizer.schedule={opt.schedule!r} is not 'constant' or 'cosine'")
+
+
 class VQGANStage:
 
     def __init__(self, config: ml_collections.ConfigDict):
@@ -59,8 +78,9 @@ class VQGANStage:
         self.discriminator = discriminator_lib.NLayerDiscriminator(
             ndf=loss.disc_ndf, n_layers=loss.disc_layers, dtype=self.model.dtype, param_dtype=jnp.float32)
         opt = config.optimizer
-        self.optimizer = optax.adam(opt.learning_rate, b1=opt.b1, b2=opt.b2)
-        self.disc_optimizer = optax.adam(opt.disc_learning_rate, b1=opt.b1, b2=opt.b2)
+        self.optimizer = optax.adam(_schedule(opt.learning_rate, opt, config.train.steps), b1=opt.b1, b2=opt.b2)
+        self.disc_optimizer = optax.adam(_schedule(opt.disc_learning_rate, opt, config.train.steps), b1=opt.b1,
+                                         b2=opt.b2)
 
     # ---------------------------------------------------------------------------------------------------------------
     def init_state(self, rng: jax.Array) -> VQGANState:
@@ -81,6 +101,9 @@ class VQGANStage:
         if loss.l2_weight > 0:
             terms["l2"] = jnp.mean(jnp.square(images - reconstructions))
             total += loss.l2_weight * terms["l2"]
+        if loss.gradient_weight > 0:
+            terms["gradient"] = _image_gradient_l1(images, reconstructions)
+            total += loss.gradient_weight * terms["gradient"]
         if self.use_perceptual:
             terms["perceptual"] = jnp.mean(
                 lpips.lpips_distance(self.lpips_params, images, reconstructions, dtype=self.model.dtype))
@@ -105,9 +128,11 @@ class VQGANStage:
         images = batch["image"]
         step_rng = jax.random.fold_in(state.rng, state.step)
 
+        continuous = state.step < cfg.quantizer.continuous_warmup_steps
+
         def generator(params):
             (reconstructions, indices, q_losses, latents), variables = self.model.apply(
-                {"params": params}, images, mutable=["intermediates"])
+                {"params": params}, images, continuous, mutable=["intermediates"])
             last_input = variables["intermediates"]["decoder"][vqgan.LAST_LAYER_INPUT][0]
             return (reconstructions, q_losses["total"]), (indices, q_losses, latents, last_input)
 
@@ -152,13 +177,17 @@ class VQGANStage:
         counts = quantizers.code_usage_counts(indices, self.model.codebook_size)
         decay = cfg.quantizer.usage_decay
         code_usage = decay * state.code_usage + (1.0 - decay) * counts
+        # When the continuous warm-up ends, every code is re-seeded from current latents (all count as dead), so the
+        # codebook starts where the encoder's outputs are.
+        warmup_ends = state.step + 1 == cfg.quantizer.continuous_warmup_steps
+        threshold = jnp.where(warmup_ends, jnp.inf, cfg.quantizer.restart_threshold)
+        restart_now = warmup_ends
         if cfg.quantizer.restart_dead_codes:
-            restart_now = (state.step + 1) % cfg.quantizer.restart_every == 0
-            restarted = quantizers.restart_dead_codes(
-                params["quantize"]["codebook"], code_usage, latents.reshape(-1, latents.shape[-1]), step_rng,
-                cfg.quantizer.restart_threshold)
-            params["quantize"]["codebook"] = jnp.where(restart_now, restarted, params["quantize"]["codebook"])
-            code_usage = jnp.where(restart_now & (code_usage < cfg.quantizer.restart_threshold), 1.0, code_usage)
+            restart_now |= (state.step + 1) % cfg.quantizer.restart_every == 0
+        restarted = quantizers.restart_dead_codes(
+            params["quantize"]["codebook"], code_usage, latents.reshape(-1, latents.shape[-1]), step_rng, threshold)
+        params["quantize"]["codebook"] = jnp.where(restart_now, restarted, params["quantize"]["codebook"])
+        code_usage = jnp.where(restart_now & (code_usage < threshold), 1.0, code_usage)
 
         ema_params = state.ema_params
         if ema_params is not None:

@@ -6,6 +6,7 @@ Only process 0 writes; other processes get a writer whose methods do nothing, so
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 
@@ -69,3 +70,11 @@ class MetricWriter:
         if self._enabled:
             self._tensorboard.close()
             self._jsonl.close()
+
+
+def configure_console_logging() -> None:
+    """INFO from this package, WARNING and above from libraries (Orbax and TFDS log every file they touch at INFO)."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("clipgen_jax").setLevel(logging.INFO)

@@ -88,3 +88,16 @@ def test_paper_f16_preset_shapes():
     assert variables["params"]["quantize"]["codebook"].shape == (16384, 256)
     num_params = sum(np.prod(x.shape) for x in jax.tree.leaves(variables))
     assert 60e6 < num_params < 90e6  # encoder + decoder + codebook of taming's f16 model (~72M)
+
+
+def test_bypass_passes_latents_through_but_still_reports_codes():
+    quantizer = quantizers.VectorQuantizer(codebook_size=4, code_dim=2, kind="l2")
+    params = quantizer.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)))
+    z = jnp.array([[3.0, 4.0]])
+    passed, indices, losses = quantizer.apply(params, z, True)
+    np.testing.assert_allclose(passed, [[0.6, 0.8]], rtol=1e-6)  # l2-normalised, not snapped to a code
+    snapped, same_indices, _ = quantizer.apply(params, z, False)
+    np.testing.assert_array_equal(indices, same_indices)
+    codebook = quantizer.apply(params, method=quantizer.code_vectors)
+    np.testing.assert_allclose(snapped, codebook[indices], rtol=1e-6)
+    assert float(losses["codebook"]) > 0.0

@@ -80,3 +80,39 @@ def test_tiny_run_exports_a_bundle_that_reloads(shapes_data_dir, tmp_path):
     tokens = model.apply({"params": params}, random_batch()["image"], method=model.encode)
     assert tokens.shape == (4, 16, 16)
     assert int(tokens.max()) < config.model.codebook_size
+
+
+def test_perceptual_loss_without_weights_names_the_fetch_command(tmp_path):
+    config = tiny_config()
+    config.loss.update(perceptual_weight=1.0, lpips_weights=str(tmp_path / "missing.npz"))
+    with pytest.raises(FileNotFoundError, match="python -m clipgen_jax.models.lpips --fetch"):
+        vqgan_training.VQGANStage(config)
+
+
+def test_perceptual_loss_with_the_shipped_weights_trains():
+    from clipgen_jax.models import lpips
+
+    if not lpips.default_weights_path().is_file():
+        pytest.skip(f"LPIPS weights absent; create them with {lpips.FETCH_COMMAND}")
+    config = tiny_config()
+    config.loss.perceptual_weight = 1.0
+    stage = vqgan_training.VQGANStage(config)
+    state = stage.init_state(jax.random.PRNGKey(0))
+    _, metrics = jax.jit(stage.train_step)(state, random_batch())
+    assert 0.0 < float(metrics["perceptual"]) < 2.0
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_continuous_warmup_decodes_latents_then_seeds_every_code():
+    config = tiny_config()
+    config.quantizer.update(continuous_warmup_steps=2, restart_dead_codes=False)
+    stage = vqgan_training.VQGANStage(config)
+    step = jax.jit(stage.train_step)
+    state = stage.init_state(jax.random.PRNGKey(0))
+    first, _ = step(state, random_batch(seed=1))
+    # Step 1 of 2 is continuous: only the codebook loss moves the codes (no re-seeding yet).
+    assert float(jnp.max(jnp.abs(first.params["quantize"]["codebook"] - state.params["quantize"]["codebook"]))) < 0.1
+    second, _ = step(first, random_batch(seed=2))
+    # The warm-up's last step re-seeds every code from encoder outputs.
+    moved = jnp.linalg.norm(second.params["quantize"]["codebook"] - first.params["quantize"]["codebook"], axis=-1)
+    assert float(jnp.min(moved)) > 0.1

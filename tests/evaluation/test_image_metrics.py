@@ -1,0 +1,54 @@
+"""Image metrics against references with known answers."""
+
+import numpy as np
+import pytest
+
+from clipgen_jax.data import shapes
+from clipgen_jax.evaluation import image_metrics, reconstruction
+
+
+def test_psnr_known_value():
+    images = np.zeros((1, 4, 4, 3), np.float32)  # 0 in [-1, 1] is 0.5 in [0, 1]
+    noisy = images + 0.2  # 0.1 in [0, 1]: MSE 0.01 -> 20 dB
+    np.testing.assert_allclose(image_metrics.psnr(noisy, images), [20.0], rtol=1e-5)
+
+
+def test_ssim_matches_scikit_image():
+    metrics = pytest.importorskip("skimage.metrics")
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+    noisy = np.clip(images + rng.normal(0, 0.2, images.shape), -1, 1).astype(np.float32)
+    expected = [metrics.structural_similarity((a + 1) / 2, (b + 1) / 2, gaussian_weights=True, sigma=1.5,
+                                              use_sample_covariance=False, data_range=1.0, channel_axis=-1)
+                for a, b in zip(noisy, images)]
+    np.testing.assert_allclose(image_metrics.ssim(noisy, images), expected, rtol=1e-4)
+    np.testing.assert_allclose(image_metrics.ssim(images, images), [1.0] * 3, rtol=1e-6)
+
+
+def test_code_statistics():
+    stats = image_metrics.code_statistics(np.array([5, 5, 0, 0]))
+    assert stats == {"codebook_usage": 0.5, "perplexity": pytest.approx(2.0)}
+
+
+def test_to_uint8_rounds_like_a_saved_png():
+    np.testing.assert_array_equal(image_metrics.to_uint8(np.array([-1.0, -2.0, 0.0, 1.0, 3.0])),
+                                  [0, 0, 128, 255, 255])
+
+
+def shapes_batch(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    combos = shapes.training_combinations()[:n]
+    images_u8 = np.stack([shapes.render(c, 32, rng) for c in combos])
+    return {"image": images_u8 / 127.5 - 1.0}
+
+
+def test_identity_reconstruction_agrees_everywhere_and_blank_agrees_nowhere():
+    batch = shapes_batch()
+    perfect = reconstruction.evaluate(lambda x: (x, np.zeros((len(x), 2, 2), np.int32)), [batch],
+                                      shapes_oracle=True, codebook_size=4)
+    assert perfect["num_images"] == 24
+    assert perfect["oracle_agreement/all"] == 1.0 and perfect["ssim"] == pytest.approx(1.0)
+    assert perfect["psnr"] == pytest.approx(100.0)  # MSE floored at 1e-10
+    assert perfect["codebook_usage"] == 0.25 and perfect["perplexity"] == pytest.approx(1.0)
+    blank = reconstruction.evaluate(lambda x: (np.zeros_like(x), None), [batch], shapes_oracle=True)
+    assert blank["oracle_agreement/all"] == 0.0  # "no object" is wrong on every attribute
