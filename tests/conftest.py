@@ -29,3 +29,26 @@ def shapes_data_dir(tmp_path_factory) -> _pathlib.Path:
     data_dir = tmp_path_factory.mktemp("tfds")
     shapes_tfds.prepare("tiny", data_dir=str(data_dir))
     return data_dir
+
+
+class _RunsShellCommand:
+    """Unpickling this calls os.system(command): the payload of a malicious weights file."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.fixture
+def malicious_pickle():
+    """`malicious_pickle(wrap)` -> pickle bytes of `wrap(payload)` whose payload would `touch` a marker file, and the
+    marker's path (which must never exist)."""
+
+    def make(wrap, marker: _pathlib.Path, protocol: int = 3) -> bytes:
+        import pickle
+
+        return pickle.dumps(wrap(_RunsShellCommand(f"touch {marker}")), protocol=protocol)
+
+    return make

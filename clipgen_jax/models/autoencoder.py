@@ -16,13 +16,13 @@ class ConvAutoencoder(nn.Module):
     def _conv(self, features: int, name: str, strides: int = 1) -> nn.Conv:
         return nn.Conv(features, (3, 3), strides=strides, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
-    def encode(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
+    def _encode(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
         h = x_BHWC.astype(self.dtype)
         for i, width in enumerate(self.widths):
             h = nn.swish(self._conv(width, f"down_{i}", strides=2)(h))
         return self._conv(self.latent_channels, "to_latent")(h)
 
-    def decode(self, z_BhwC: jnp.ndarray) -> jnp.ndarray:
+    def _decode(self, z_BhwC: jnp.ndarray) -> jnp.ndarray:
         h = z_BhwC
         for i, width in enumerate(reversed(self.widths)):
             h = nn.ConvTranspose(width, (4, 4), strides=(2, 2), dtype=self.dtype, param_dtype=self.param_dtype,
@@ -32,4 +32,4 @@ class ConvAutoencoder(nn.Module):
 
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
-        return self.decode(self.encode(x_BHWC))
+        return self._decode(self._encode(x_BHWC))

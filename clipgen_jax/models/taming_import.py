@@ -1,15 +1,15 @@
 """Imports a taming-transformers VQGAN (a PyTorch Lightning `.ckpt` and its model YAML) as an inference bundle.
 
 Three steps, each usable alone:
-- `read_state_dict`: the checkpoint's `state_dict` as numpy arrays. With torch installed, `torch.load(weights_only=True)`
-  reads it; otherwise, or when torch refuses the file (taming's released checkpoints hold a Lightning callback class,
+- `read_state_dict`: the checkpoint's `state_dict` as numpy arrays. With torch installed,
+  `torch.load(weights_only=True)` reads it; otherwise, or when torch refuses the file (taming's released checkpoints hold a Lightning callback class,
   which `weights_only` rejects), a restricted unpickler reads the zip archive itself. That reader resolves only
   tensor-rebuild functions and storage-type names, all bound to this module's own numpy stand-ins, so no code named
   by the file is ever run.
 - `model_config_from_yaml`: taming's `model.params` (ddconfig, n_embed, embed_dim) as this project's VQGAN fields.
 - `params_from_state_dict`: the state dict laid onto the VQGAN param tree (conv kernels transposed to HWIO), with a
   clear error for missing, unexpected or mis-shaped entries.
-`convert` runs all three and writes a bundle that `clipgen_jax.training.vqgan.load` reads.
+`convert` runs all three and writes a bundle that `clipgen_jax.checkpointing.load_vqgan` reads.
 """
 
 from __future__ import annotations

