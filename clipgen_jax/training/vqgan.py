@@ -31,7 +31,7 @@ class VQGANState:
     step: jax.Array
     params: Any  # generator (encoder, quantizer, decoder)
     opt_state: Any
-    disc_params: Any
+    disc_params: Any  # None (and its optimizer state None) when the GAN term is off
     disc_opt_state: Any
     ema_params: Any  # exponential moving average of `params`; None when train.ema_decay is 0
     code_usage: jax.Array  # [K] moving average of how often each code is chosen per step (dead-code restarts)
@@ -87,10 +87,13 @@ class VQGANStage:
         gen_rng, disc_rng, state_rng = jax.random.split(rng, 3)
         size = self.model.resolution
         params = self.model.init(gen_rng, jnp.zeros((1, size, size, 3)))["params"]
-        disc_params = self.discriminator.init(disc_rng, jnp.zeros((1, size, size, 3)))["params"]
+        disc_params = disc_opt_state = None
+        if self.use_gan:
+            disc_params = self.discriminator.init(disc_rng, jnp.zeros((1, size, size, 3)))["params"]
+            disc_opt_state = self.disc_optimizer.init(disc_params)
         return VQGANState(
             step=jnp.asarray(0, jnp.int32), params=params, opt_state=self.optimizer.init(params),
-            disc_params=disc_params, disc_opt_state=self.disc_optimizer.init(disc_params),
+            disc_params=disc_params, disc_opt_state=disc_opt_state,
             ema_params=params if self.config.train.ema_decay > 0 else None,
             code_usage=jnp.ones((self.model.codebook_size,), jnp.float32), rng=state_rng)
 
