@@ -144,6 +144,5 @@ def load_vqgan(path: str | pathlib.Path, dtype=None):
     path = bundle_path(path, "vqgan")
     metadata = load_bundle_metadata(path)
     model = vqgan.from_config(metadata["model"], dtype or jnp.float32)
-    size = model.resolution
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"])
+    abstract = jax.eval_shape(lambda: vqgan.init_params(model, jax.random.PRNGKey(0)))
     return model, load_bundle_params(path, abstract), metadata

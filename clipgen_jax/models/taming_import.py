@@ -2,10 +2,10 @@
 
 Three steps, each usable alone:
 - `read_state_dict`: the checkpoint's `state_dict` as numpy arrays. With torch installed,
-  `torch.load(weights_only=True)` reads it; otherwise, or when torch refuses the file (taming's released checkpoints hold a Lightning callback class,
-  which `weights_only` rejects), a restricted unpickler reads the zip archive itself. That reader resolves only
-  tensor-rebuild functions and storage-type names, all bound to this module's own numpy stand-ins, so no code named
-  by the file is ever run.
+  `torch.load(weights_only=True)` reads it; otherwise, or when torch refuses the file (taming's released checkpoints
+  hold a Lightning callback class, which `weights_only` rejects), a restricted unpickler reads the zip archive
+  itself. That reader resolves only tensor-rebuild functions and storage-type names, all bound to this module's own
+  numpy stand-ins, so no code named by the file is ever run.
 - `model_config_from_yaml`: taming's `model.params` (ddconfig, n_embed, embed_dim) as this project's VQGAN fields.
 - `params_from_state_dict`: the state dict laid onto the VQGAN param tree (conv kernels transposed to HWIO), with a
   clear error for missing, unexpected or mis-shaped entries.
@@ -24,7 +24,6 @@ from typing import Any, Literal, Mapping
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import yaml
@@ -150,7 +149,7 @@ def _read_restricted(path: pathlib.Path) -> Mapping[str, Any]:
                 storages[key] = np.frombuffer(data, dtype.newbyteorder(">" if big_endian else "<"))
             return storages[key]
 
-        checkpoint = safe_pickle.load(archive.read(pickles[0]), _RESTRICTED_GLOBALS, source=str(path),
+        checkpoint = safe_pickle.restricted_load(archive.read(pickles[0]), _RESTRICTED_GLOBALS, source=str(path),
                                       persistent_load=load_storage)
     return _state_dict_of(checkpoint, path)
 
@@ -308,9 +307,8 @@ def _torch_shape(param_path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[i
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config: Mapping[str, Any]) -> Any:
     """The VQGAN params (nested dict of float32 numpy arrays) for a taming state dict. Every VQGAN param must be
     present with its shape and every state-dict entry used, except the training loss's (`loss.*`)."""
-    model = vqgan.VQGAN(**model_config)
-    size = model.resolution
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
+    model = vqgan.from_config(model_config)
+    abstract = jax.eval_shape(lambda: vqgan.init_params(model, jax.random.PRNGKey(0)))
     params, missing, misshaped = {}, [], []
     used = set()
     for path, leaf in flax.traverse_util.flatten_dict(abstract).items():

@@ -202,3 +202,8 @@ def from_config(model_config, dtype=jnp.float32) -> VQGAN:
         raise ValueError(f"unknown VQGAN model fields {sorted(unknown)}; known: {CONFIG_FIELDS}")
     return VQGAN(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, dtype=dtype,
                  param_dtype=jnp.float32)
+
+
+def init_params(model: VQGAN, rng: jax.Array):
+    """Fresh parameters for `model` (at its own resolution); under `jax.eval_shape`, their shapes."""
+    return model.init(rng, jnp.zeros((1, model.resolution, model.resolution, 3)))["params"]

@@ -86,7 +86,7 @@ class VQGANStage:
     def init_state(self, rng: jax.Array) -> VQGANState:
         gen_rng, disc_rng, state_rng = jax.random.split(rng, 3)
         size = self.model.resolution
-        params = self.model.init(gen_rng, jnp.zeros((1, size, size, 3)))["params"]
+        params = vqgan.init_params(self.model, gen_rng)
         disc_params = disc_opt_state = None
         if self.use_gan:
             disc_params = self.discriminator.init(disc_rng, jnp.zeros((1, size, size, 3)))["params"]
