@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "array_record>=0.8.1",
     "grain>=0.2.12",
     "transformers>=4.57.6,<5",
+    "safetensors>=0.4",  # CLIP weights in PyTorch naming, read without torch
     "numpy>=1.26",
     "Pillow>=10.0",
     "tqdm>=4.66",
@@ -42,6 +43,8 @@ setuptools.setup(
     description=__doc__,
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["clipgen_jax", "clipgen_jax.*"]),
+    # OpenAI's CLIP BPE vocabulary and the shipped Shapes CLIPs (see clipgen_jax/assets/).
+    package_data={"clipgen_jax": ["assets/clip_bpe/*", "assets/clip/*", "assets/clip/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

@@ -11,7 +11,6 @@ not depend on them. Results are appended as one JSON line to --out with the devi
 
 import datetime
 import json
-import pathlib
 import time
 
 import jax
@@ -20,6 +19,8 @@ from absl import app, flags
 
 from clipgen_jax import training
 from clipgen_jax.training import vqgan as vqgan_training
+
+import results_file  # benchmarks/results_file.py (this script's folder is on sys.path)
 
 _PRESET = flags.DEFINE_string("preset", "shapes", "configs/vqgan.py preset.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Batch size (default: the preset's).")
@@ -98,11 +99,7 @@ def main(argv):
         "train_tflop_per_image": step_flops / batch_size / 1e12 if step_flops else None,
         "mfu": (step_flops / step_seconds / (_PEAK_TFLOPS.value * 1e12)) if (step_flops and on_accelerator) else None,
     }
-    out = pathlib.Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(result) + "\n")
-    print(json.dumps(result, indent=2))
+    results_file.append(_OUT.value, result)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ arrays are copied to host memory before `save` returns, and the files are writte
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pathlib
@@ -15,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from clipgen_jax.models import vqgan
@@ -23,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
 DATA_ITEM = "data_iterator"
+
+
+class UnrestorableCheckpointsError(RuntimeError):
+    """A workdir holds checkpoints, but none of them restores into the run's train state."""
 
 
 class Checkpointer:
@@ -55,13 +61,21 @@ class Checkpointer:
         return restored[STATE_ITEM], restored[DATA_ITEM]
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-        """The newest checkpoint that restores; an unreadable one is skipped with a warning naming it."""
-        for step in reversed(self.all_steps()):
+        """The newest checkpoint that restores; an unreadable one is skipped with a warning naming it. None when
+        there are no checkpoints; an error when there are some but none restores, because starting afresh would
+        overwrite them (they are usually from another config or code version, not damaged)."""
+        steps = self.all_steps()
+        for step in reversed(steps):
             try:
                 return self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 (any failure to read a checkpoint means: try an older one)
                 logger.warning("checkpoint %s/%d is unreadable (%s: %s); trying an older one",
-                                self.directory, step, type(e).__name__, e)
+                               self.directory, step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        if steps:
+            raise UnrestorableCheckpointsError(
+                f"none of the {len(steps)} checkpoints in {self.directory} (steps {steps}) restores into this run's "
+                "train state (see the warnings above): they were written by another config or code version, or are "
+                "damaged. Use a new workdir, or move the checkpoints away to start this one afresh")
         return None
 
     def wait(self) -> None:
@@ -69,6 +83,18 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def params_hash(params: Any) -> str:
+    """SHA-256 over every parameter's path, dtype, shape and bytes: what identifies a model's weights in the
+    metadata of data made with them (precomputed tokens and embeddings)."""
+    digest = hashlib.sha256()
+    leaves = sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda item: jax.tree_util.keystr(item[0]))
+    for path, leaf in leaves:
+        array = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

@@ -1,4 +1,5 @@
-"""`tools/demo.py --quick` as CI runs it: the whole demo on the tiny Shapes build, and a rerun that reuses it."""
+"""`tools/demo.py --quick` as CI runs it: the whole chain (Shapes, VQGAN, CLIP, precompute, prior, generation and the
+oracle's scores) on the tiny Shapes build, the output layout of ../shared/SHAPES.md, and a rerun that reuses it."""
 
 import json
 import pathlib
@@ -6,23 +7,83 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
+from test_pipeline import tiny_models
+
+from clipgen_jax import demo
+from clipgen_jax.data import shapes
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+STAGES = ["build_shapes", "train_vqgan", "evaluate_vqgan", "precompute", "train_prior", "generate_evaluate"]
+
+
+def _demo(out: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO_ROOT / "tools" / "demo.py"), "--quick", f"--out={out}", *flags]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _check_prior_scores(prior: dict) -> None:
+    assert prior["num_prompts"] == 96 and prior["num_candidates"] == demo.QUICK_CANDIDATES
+    assert prior["seeds"] == list(demo.QUICK_SEEDS) and prior["train_steps"] == demo.QUICK_PRIOR_STEPS
+    for method in ("reranked", "single"):
+        assert len(prior[method]["per_seed"]) == len(demo.QUICK_SEEDS)
+        for key in ("all",) + shapes.ATTRIBUTE_NAMES:
+            assert 0.0 <= prior[method]["mean"][key] <= 1.0
+            assert prior[method]["std"][key] is None  # one seed: no spread
+
+
+def _check_layout(out: pathlib.Path) -> None:
+    assert (out / "vqgan" / "export" / "metadata.json").is_file()
+    assert (out / "data" / "clipgen_shapes" / "tiny" / "1.0.0" / "dataset_info.json").is_file()  # the Shapes source
+    assert (out / "data" / "tiny" / "1.0.0" / "dataset_info.json").is_file()  # the precomputed dataset beside it
+    assert (out / "prior" / "export" / "metadata.json").is_file()
+    grid = Image.open(out / demo.GRID_FILE)
+    assert grid.mode == "RGB" and grid.height > demo.GRID_PROMPTS * 33 and grid.width >= demo.QUICK_CANDIDATES * 33
 
 
 @pytest.mark.slow
 def test_quick_demo_writes_results_and_reuses_finished_stages(tmp_path):
-    command = [sys.executable, str(REPO_ROOT / "tools" / "demo.py"), "--quick", f"--out={tmp_path}"]
-    first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    _, clip_dir = tiny_models(tmp_path / "models")  # a tiny random CLIP (16-d), as the packaged one is passed
+    out = tmp_path / "demo"
+    _demo(out, f"--clip={clip_dir}")
+    results = json.loads((out / "results.json").read_text())
     heldout = results["vqgan_heldout"]
     assert heldout["num_images"] == 96  # the tiny build's held-out split
     assert 0.0 < heldout["codebook_usage"] <= 1.0 and 0.0 <= heldout["oracle_agreement/all"] <= 1.0
-    assert "| images | PSNR (dB)" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "vqgan" / "export" / "metadata.json").is_file()
+    assert list(results["seconds"]) == STAGES and results["reused"] == []
+    assert all(seconds > 0 for name, seconds in results["seconds"].items() if name != "build_shapes")
+    assert results["clip"]["name"] == str(clip_dir) and results["clip"]["embed_dim"] == 16
+    assert not results["clip"]["trained_by_demo"]
+    _check_prior_scores(results["prior"])
+    budget = {line["stage"]: line for line in results["budget"]}
+    assert [line["limit_minutes"] for line in results["budget"]] == [12, 2, 10, 6, 30]
+    assert budget["total"]["measured_minutes"] == pytest.approx(sum(results["seconds"].values()) / 60, abs=0.01)
+    assert budget["prior"]["measured_minutes"] == pytest.approx(results["seconds"]["train_prior"] / 60, abs=0.01)
+    _check_layout(out)
+    text = (out / "results.md").read_text()
+    for heading in ("| images | PSNR (dB)", "## CLIP", "| method | all attributes", "| CLIP re-ranking (best of 4)",
+                    "| no re-ranking", "| stage | budget | measured | within |", "| generation + evaluation | 6 |"):
+        assert heading in text
 
-    second = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = _demo(out, f"--clip={clip_dir}")
     assert "resumed from" in second.stderr
-    assert json.loads((tmp_path / "results.json").read_text())["vqgan_heldout"] == heldout
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["vqgan_heldout"] == heldout and rerun["prior"] == results["prior"]
+    assert rerun["reused"] == ["build_shapes", "train_vqgan", "precompute", "train_prior", "generate_evaluate"]
+    for name in rerun["reused"]:  # a reused stage keeps the time of the run that did it
+        assert rerun["seconds"][name] == results["seconds"][name]
+
+
+@pytest.mark.slow
+def test_quick_demo_trains_its_own_clip(tmp_path):
+    _demo(tmp_path, "--train-clip")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["clip"]["trained_by_demo"] and results["clip"]["name"] == str(tmp_path / "clip" / "export")
+    assert (tmp_path / "clip" / "export" / "config.json").is_file()
+    assert list(results["seconds"]) == STAGES[:3] + ["train_clip"] + STAGES[3:]
+    assert results["budget"][-1]["measured_minutes"] == pytest.approx(sum(results["seconds"].values()) / 60,
+                                                                      abs=0.01)
+    _check_prior_scores(results["prior"])
+    _check_layout(tmp_path)

@@ -1,4 +1,8 @@
-"""The Shapes demo: python tools/demo.py [--out runs/shapes] [--quick]. See clipgen_jax/demo.py."""
+"""The Shapes demo: python tools/demo.py [--out runs/shapes] [--quick] [--clip NAME_OR_DIR | --train-clip].
+
+Builds Shapes, trains and evaluates the VQGAN, precomputes with the CLIP, trains the prior, generates from the held-out
+prompts and scores them (see clipgen_jax/demo.py); rerunning reuses finished stages.
+"""
 
 from absl import app, flags
 
@@ -8,13 +12,17 @@ from clipgen_jax.training import writer
 
 _OUT = flags.DEFINE_string("out", "runs/shapes", "Output directory (rerunning reuses finished stages).")
 _QUICK = flags.DEFINE_bool("quick", False, "A smoke run of a few minutes on the tiny Shapes build.")
+_CLIP = flags.DEFINE_string("clip", demo.DEFAULT_CLIP, "The frozen CLIP that conditions and re-ranks: packaged name, "
+                            "directory or Hub id (ignored with --train-clip).")
+_TRAIN_CLIP = flags.DEFINE_bool("train-clip", False, "Train the CLIP from scratch into OUT/clip "
+                                "(configs/clip.py:shapes, :tiny with --quick) and use OUT/clip/export.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     writer.configure_console_logging()
-    print(demo.markdown(demo.run(_OUT.value, quick=_QUICK.value)))
+    print(demo.markdown(demo.run(_OUT.value, quick=_QUICK.value, clip=_CLIP.value, train_clip=_TRAIN_CLIP.value)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import parallel, training
+from clipgen_jax import checkpointing, parallel, training
 from clipgen_jax.training import loop, writer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqgan.py:shapes.",
@@ -32,7 +32,7 @@ def main(argv):
     except loop.Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except loop.NonFiniteError as e:
+    except (loop.NonFiniteError, checkpointing.UnrestorableCheckpointsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -161,7 +161,7 @@ class _Preprocess(grain.transforms.RandomMap):
     max_image_pixels: int
 
     def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        if _SKIPPED_KEY in example:
+        if is_skip_marker(example):
             return example
         example = dict(example)
         origin = example.pop(_ORIGIN_KEY)
@@ -183,6 +183,11 @@ def _skip_marker(origin: str, error: Exception) -> dict[str, str]:
     return {_SKIPPED_KEY: f"{origin}: {type(error).__name__}: {error}"}
 
 
+def is_skip_marker(example: dict[str, Any]) -> bool:
+    """Whether a pipeline record stands for a skipped (unreadable) example; later transforms pass it through."""
+    return _SKIPPED_KEY in example
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sources: random access (`__len__`, `__getitem__`) to examples whose image is still encoded.
 
@@ -190,9 +195,14 @@ def _skip_marker(origin: str, error: Exception) -> dict[str, str]:
 class FolderSource:
     """Every .jpg/.jpeg/.png/.webp file (any letter case) under `root`, recursively, in sorted path order (the same
     order on every machine and every run, which sharding and resuming rely on). Examples are
-    {"image": encoded bytes} plus the path for warnings; there are no labels and no splits."""
+    {"image": encoded bytes} plus the path for warnings; there are no labels and no splits.
 
-    def __init__(self, root: str | os.PathLike[str]):
+    With `with_captions`, each example also has "caption", the UTF-8 text of the `.txt` file beside the image
+    (`a/cat.jpg` -> `a/cat.txt`, surrounding whitespace stripped); an image without one, or with an empty one, is
+    skipped like an unreadable image."""
+
+    def __init__(self, root: str | os.PathLike[str], with_captions: bool = False):
+        self.with_captions = with_captions
         root = pathlib.Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist or is not a directory; "
@@ -210,9 +220,15 @@ class FolderSource:
         path = self.paths[index]
         try:
             data = pathlib.Path(path).read_bytes()
-        except OSError as error:  # deleted or unreadable since listing: skip it like a corrupt file
+            example = {"image": data, _ORIGIN_KEY: path}
+            if self.with_captions:
+                caption = pathlib.Path(path).with_suffix(".txt").read_text(encoding="utf-8").strip()
+                if not caption:
+                    raise ValueError("its caption file is empty")
+                example["caption"] = caption
+        except (OSError, ValueError) as error:  # deleted since listing, no caption, not UTF-8: skip like a corrupt file
             return _skip_marker(path, error)
-        return {"image": data, _ORIGIN_KEY: path}
+        return example
 
     def __repr__(self) -> str:
         return f"FolderSource({len(self.paths)} files)"
@@ -273,11 +289,13 @@ def is_shapes(data_config: ml_collections.ConfigDict) -> bool:
         data_config.source == "tfds" and data_config.name.startswith(SHAPES_TFDS_NAME))
 
 
-def make_source(data_config: ml_collections.ConfigDict, split: str) -> FolderSource | TfdsSource:
-    """The random-access source a data config describes (`split` is ignored by folders, which have none)."""
+def make_source(data_config: ml_collections.ConfigDict, split: str,
+                with_captions: bool = False) -> FolderSource | TfdsSource:
+    """The random-access source a data config describes (`split` is ignored by folders, which have none;
+    `with_captions` reads folders' sidecar .txt captions)."""
     _check_config(data_config)
     if data_config.source == "folder":
-        return FolderSource(data_config.folder)
+        return FolderSource(data_config.folder, with_captions=with_captions)
     if data_config.source == "shapes":
         builder = shapes_tfds.prepare(data_config.name, data_dir=data_config.data_dir)
     else:
@@ -393,7 +411,8 @@ def _stack(values: list[Any]) -> np.ndarray:
 
 def make_batch_iterator(data_config: ml_collections.ConfigDict, *, split: str, batch_size: int, seed: int,
                         shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
-                        process_count: int | None = None) -> ImageBatchIterator:
+                        process_count: int | None = None, transforms: Sequence[Any] = (),
+                        with_captions: bool = False) -> ImageBatchIterator:
     """The training loop's entry point: batches of `batch_size` examples for this process.
 
     Process `process_index` of `process_count` (default: this JAX process) reads the records i, i + n, i + 2n, ...
@@ -405,7 +424,7 @@ def make_batch_iterator(data_config: ml_collections.ConfigDict, *, split: str, b
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
-    source = make_source(data_config, split)
+    source = make_source(data_config, split, with_captions=with_captions)
     records = grain.MapDataset.source(source)[process_index::process_count]
     if len(records) == 0:
         raise ValueError(f"process {process_index} of {process_count} gets no records from {source}")
@@ -420,6 +439,9 @@ def make_batch_iterator(data_config: ml_collections.ConfigDict, *, split: str, b
         flip=data_config.flip,
         max_image_pixels=data_config.max_image_pixels,
     ))
+    for transform in transforms:
+        records = (records.random_map(transform) if isinstance(transform, grain.transforms.RandomMap)
+                   else records.map(transform))
     return ImageBatchIterator(records, batch_size=batch_size, worker_count=data_config.worker_count,
                               records_per_epoch=records_per_epoch)
 

@@ -210,12 +210,47 @@ def random_caption(attrs: Attributes, rng: np.random.Generator) -> str:
 
     Evaluation (prompts, scores) uses only `canonical_caption`; these variants exist so CLIP does not learn one layout.
     """
+    return random_captions([attrs], rng)[0]
+
+
+def random_captions(combinations: Sequence[Attributes], rng: np.random.Generator) -> list[str]:
+    """Training captions of several combinations in ONE random wording (the same template, the same synonym picks),
+    so captions of combinations that differ in one attribute differ only in that attribute's words."""
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-    words = {}
-    for name, word in _attribute_words(attrs).items():
-        choices = (word,) + SYNONYMS.get(word, ())
-        words[name] = choices[rng.integers(len(choices))]
-    return template.format(**words)
+    synonym_draw = {name: rng.random() for name in ATTRIBUTE_NAMES}
+    captions = []
+    for attrs in combinations:
+        words = {}
+        for name, word in _attribute_words(attrs).items():
+            choices = (word,) + SYNONYMS.get(word, ())
+            words[name] = choices[int(synonym_draw[name] * len(choices))]
+        captions.append(template.format(**words))
+    return captions
+
+
+def hard_negative_combinations(attrs: Attributes, count: int, rng: np.random.Generator,
+                               attribute_weights: Sequence[float] | None = None) -> list[Attributes]:
+    """`count` distinct TRAINING combinations that each differ from `attrs` in exactly one attribute: contrastive hard
+    negatives that never name a held-out combination, as SHAPES.md requires of everything a training stage sees.
+
+    The changed attribute is drawn with `attribute_weights` (in ATTRIBUTE_NAMES order; default uniform), then its
+    new value uniformly.
+    """
+    weights_by_name = dict(zip(ATTRIBUTE_NAMES, attribute_weights or [1.0] * len(ATTRIBUTE_NAMES)))
+    candidates, weights = [], []
+    for index, name in enumerate(ATTRIBUTE_NAMES):
+        neighbours = [attrs._replace(**{name: value}) for value in range(NUM_CLASSES[name]) if value != attrs[index]]
+        neighbours = [n for n in neighbours if not is_heldout(n)]
+        if not neighbours:  # e.g. the one other size makes a held-out combination
+            continue
+        candidates += neighbours
+        weights += [weights_by_name[name] / len(neighbours)] * len(neighbours)
+    weights = np.asarray(weights, np.float64)
+    if count > np.count_nonzero(weights):
+        raise ValueError(f"{count} hard negatives requested, but {attrs} has only {np.count_nonzero(weights)} "
+                         "training neighbours with a non-zero attribute weight")
+    chosen = rng.choice(len(candidates), size=count, replace=False, p=weights / weights.sum())
+    return [candidates[i] for i in chosen]
 
 
 def template_fields(template: str) -> set[str]:

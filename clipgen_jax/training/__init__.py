@@ -8,6 +8,8 @@ import ml_collections
 TRAINERS = {
     "autoencoder": "clipgen_jax.training.autoencoder",
     "vqgan": "clipgen_jax.training.vqgan",
+    "clip": "clipgen_jax.training.clip",
+    "prior": "clipgen_jax.training.prior",
 }
 
 

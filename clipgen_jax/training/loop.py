@@ -51,6 +51,12 @@ class Stage(Protocol):
     def eval_step(self, state: Any, batch: dict[str, jax.Array]) -> tuple[Metrics, dict[str, jax.Array]]:
         """Scalars and image batches ([N, H, W, 3] in [-1, 1]) for a fixed evaluation batch."""
 
+    # Optional hooks (looked up with getattr):
+    #   make_batch_iterator(data_config, **kwargs): the stage's own input pipeline (default images.make_batch_iterator)
+    #   initial_params(): params to start from instead of the init (fine-tuning); None for the init
+    #   host_eval(state) -> dict of floats: evaluation that needs the host (whole splits, tokenizers), run at each
+    #       evaluation point and logged under eval/
+
 
 class NonFiniteError(RuntimeError):
     """A step produced a NaN/inf metric; nothing from that step on was saved."""
@@ -119,14 +125,21 @@ def _zero_metrics(stage: Stage, state, batch) -> dict[str, np.ndarray]:
     return jax.tree.map(lambda m: np.zeros(m.shape, np.float32), shapes)
 
 
-def _fixed_eval_batch(config: ml_collections.ConfigDict, mesh) -> dict:
+def _batch_iterator_factory(stage: Stage):
+    return getattr(stage, "make_batch_iterator", images.make_batch_iterator)
+
+
+def _fixed_eval_batch(config: ml_collections.ConfigDict, mesh, stage: Stage) -> dict:
     eval_data = config.data.copy_and_resolve_references()
-    eval_data.crop, eval_data.flip = "center", False
-    iterator = images.make_batch_iterator(
+    if "crop" in eval_data:  # image sources: evaluate on the center crop, unflipped
+        eval_data.crop, eval_data.flip = "center", False
+    iterator = _batch_iterator_factory(stage)(
         eval_data, split=config.train.eval_split,
         batch_size=parallel.global_batch_to_process_batch(config.train.eval_batch_size),
         seed=config.seed, shuffle=False, num_epochs=1)
-    return parallel.put_batch(next(iter(iterator)), mesh)
+    batch = next(iter(iterator))
+    iterator.close()  # stops its reader threads or worker processes now, not at garbage collection
+    return parallel.put_batch(batch, mesh)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: Stage) -> Any:
@@ -143,7 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: S
     if jax.process_index() == 0:
         provenance.record(workdir, config.to_dict())
 
-    train_iter = images.make_batch_iterator(
+    train_iter = _batch_iterator_factory(stage)(
         config.data, split=train_cfg.train_split,
         batch_size=parallel.global_batch_to_process_batch(train_cfg.batch_size), seed=config.seed)
     rng = jax.random.PRNGKey(config.seed)
@@ -154,6 +167,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: S
     restored = checkpointer.restore_latest(checkpointing.abstract_with_shardings(abstract_state, state_shardings))
     if restored is None:
         state = jax.jit(stage.init_state, out_shardings=state_shardings)(rng)
+        initial_params = getattr(stage, "initial_params", lambda: None)()
+        if initial_params is not None:
+            state = state.replace(params=jax.device_put(initial_params, state_shardings.params))
     else:
         state, data_state = restored
         train_iter.set_state(data_state)
@@ -166,7 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: S
                          in_shardings=(state_shardings, parallel.batch_sharding(mesh), replicated, replicated),
                          out_shardings=(state_shardings, replicated, replicated), donate_argnums=(0, 2))
     eval_step = jax.jit(stage.eval_step, out_shardings=replicated)
-    eval_batch = _fixed_eval_batch(config, mesh) if train_cfg.eval_every else None
+    eval_batch = _fixed_eval_batch(config, mesh, stage) if train_cfg.eval_every else None
     first_bad_step = jax.device_put(jnp.asarray(-1, jnp.int32), replicated)
     zero_metrics = metric_sums = None  # shaped like the stage's metrics, known once the first batch is read
     block_each_step = parallel.must_block_each_step()
@@ -217,6 +233,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: S
                     eval_scalars, eval_images = jax.device_get(eval_step(state, eval_batch))
                     metric_writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_scalars.items()})
                     metric_writer.write_images(step, eval_images)
+                    if hasattr(stage, "host_eval"):
+                        metric_writer.write_scalars(step, {f"eval/{k}": v for k, v in stage.host_eval(state).items()})
                 if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
                     save(step)
                 if sigterm.raised:
@@ -228,6 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: S
         checkpointer.wait()
     finally:
         progress.close()
+        train_iter.close()
         metric_writer.close()
         checkpointer.close()
     return state

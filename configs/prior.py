@@ -1,0 +1,97 @@
+"""Stage 2: the CLIP-conditioned autoregressive prior (training/prior.py) on a precomputed dataset.
+
+Command:   python tools/train.py --config=configs/prior.py:PRESET --workdir=DIR
+           The finished run exports an inference bundle to DIR/export; generate with
+           python tools/generate.py --prior DIR --text "a small red circle in the top left on a black background".
+Inputs:    data.data_dir/data.name: a dataset written by tools/precompute.py with the VQGAN (`vqgan`) and CLIP (`clip`)
+           named here; a dataset made with another VQGAN or CLIP is refused.
+Presets:
+  shapes       the canonical Shapes world (S = 32): configs/precompute.py:shapes output (runs/precomputed/shapes_s32:
+               8 x 8 tokens of the Shapes VQGAN in runs/vqgan, 128-d "shapes-clip" embeddings), the `shapes` prior
+               (clipgen_jax/models/prior.py PRESETS). Conditioned on image embeddings only (the language-free
+               method); every 500 steps it samples the 96 held-out canonical prompts (text embeddings, 1 sample each,
+               no re-ranking) and logs the oracle's accuracies as eval/shapes/* with a grid in DIR/images.
+               1500 steps of batch 64. Hardware: 2 CPU cores, within 10 minutes including compilation:
+               benchmarks/prior_speed.py measured 2.9 steps/s (2.6 s compilation) for this model and batch with the
+               cores shared with another job, so about 9 minutes then, less on idle cores.
+  gpt2_medium  the paper's prior (24 layers, width 1024, 16 heads, 256 tokens of 16384 codes) on ImageNet precomputed
+               by configs/precompute.py:imagenet (f16 VQGAN, OpenAI ViT-B/32), bf16 compute, scanned layers.
+               Hardware: 8+ accelerators for days (the paper trains for hundreds of thousands of steps).
+  gpt2_large   the same with 36 layers, width 1280, 20 heads; FSDP over 8 devices and 2 accumulated micro-batches.
+  tiny         seconds on a CPU, for tests: set data.data_dir, data.name, vqgan and clip to a tiny precomputed
+               dataset (64 codes on a 16 x 16 grid, 16-d CLIP), as tests/training/test_prior_stage.py does.
+Conditioning switches (cond.*), each measured on Shapes: source "image" (the paper) or "text" (captioned data only:
+the text-supervised upper bound); noise xi (LAFITE: e <- normalise(e + xi * normalise(gaussian))); dropout p (the
+learned null embedding replaces the condition with probability p, enabling classifier-free guidance at sampling);
+reconstruction_weight lambda (the paper's embedding-reconstruction loss, through the VQGAN decoder and CLIP).
+"""
+
+import ml_collections
+
+from clipgen_jax.models import prior
+from clipgen_jax.training import loop
+
+
+def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.stage = "prior"
+    config.seed = 0
+    config.data = ml_collections.ConfigDict(dict(
+        data_dir="runs/precomputed", name="shapes_s32",
+        worker_count=0))  # grain worker processes (records are a few hundred bytes: reading in-process is enough)
+    config.vqgan = "runs/vqgan"  # the VQGAN training workdir or bundle the dataset's tokens come from
+    config.clip = "shapes-clip"  # the CLIP (Hub id, directory, packaged name) the dataset's embeddings come from
+    config.mesh = loop.default_mesh_config()
+    config.train = loop.default_train_config()
+    config.model = ml_collections.ConfigDict(dict(prior.PRESETS["shapes"]))
+    config.cond = ml_collections.ConfigDict(dict(
+        source="image",  # "image": clip_image_embedding (language-free); "text": clip_text_embedding
+        noise=0.0,  # LAFITE xi
+        dropout=0.0,  # probability of the null embedding (classifier-free guidance needs > 0)
+        reconstruction_weight=0.0))  # lambda of 1 - cos(CLIP(decode(straight-through tokens)), input embedding)
+    config.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=1e-3, warmup_steps=100, final_lr_fraction=0.1, b1=0.9, b2=0.95, weight_decay=0.1,
+        grad_clip_norm=1.0,
+        accumulation_steps=1))  # micro-batches per step: the batch is split and gradients summed in one jitted step
+    config.eval = ml_collections.ConfigDict(dict(
+        # Prompts sampled at each evaluation point into a grid (images/prompt_samples_STEP.png). On Shapes the
+        # canonical captions of the first `heldout_prompts` held-out combinations are used instead, and scored.
+        prompts=(),
+        heldout_prompts=96,
+        temperature=1.0,
+        top_k=ml_collections.config_dict.placeholder(int),
+        top_p=ml_collections.config_dict.placeholder(float),
+        guidance_scale=1.0,
+        batch_size=96))  # sampled images per device call
+
+    if preset == "shapes":
+        config.train.update(steps=1500, batch_size=64, eval_batch_size=256, log_every=50, eval_every=500,
+                            checkpoint_every=500)
+    elif preset in ("gpt2_medium", "gpt2_large"):
+        config.data.update(name="imagenet_f16_vitb32", worker_count=4)
+        config.vqgan = "runs/vqgan_imagenet"
+        config.clip = "openai/clip-vit-base-patch32"
+        config.model = ml_collections.ConfigDict(dict(prior.PRESETS[preset]))
+        config.optimizer.update(learning_rate=3e-4, warmup_steps=5000, final_lr_fraction=0.1, weight_decay=0.1)
+        config.train.update(steps=300_000, batch_size=256, eval_batch_size=256, log_every=100, eval_every=10_000,
+                            checkpoint_every=5000)
+        config.eval.update(prompts=("a photo of a golden retriever", "a red sports car on a road",
+                                    "a bowl of fruit on a table", "a snowy mountain at sunset",
+                                    "a lighthouse by the sea", "a cup of coffee"),
+                           top_k=1024, batch_size=64)
+        if preset == "gpt2_large":
+            config.mesh.fsdp = 8
+            config.optimizer.accumulation_steps = 2
+    elif preset == "tiny":
+        config.data.update(data_dir=None, name="tiny")
+        config.vqgan = None
+        config.clip = None
+        config.model.update(vocab_size=64, num_tokens=256, cond_dim=16, width=32, depth=1, num_heads=2)
+        config.optimizer.update(warmup_steps=2)
+        config.train.update(steps=4, batch_size=8, eval_batch_size=8, log_every=2, eval_every=4, checkpoint_every=4,
+                            train_split="validation", eval_split="heldout")
+        config.eval.update(heldout_prompts=4, batch_size=4)
+    else:
+        raise ValueError(f"unknown preset {preset!r} for configs/prior.py; use shapes, gpt2_medium, gpt2_large or "
+                         "tiny")
+    return config

@@ -1,0 +1,205 @@
+"""The generation pipeline: loading a prior bundle with its VQGAN and CLIP, generating and re-ranking, refusing a
+VQGAN the prior was not trained with, prompt checks, prompts files and the output layout.
+
+`tiny_models` and `save_prior_bundle` are also used by test_generate_tool.py and training/test_prior_stage.py."""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from PIL import Image
+
+from clipgen_jax import checkpointing, pipeline, training
+from clipgen_jax.data import precomputed
+from clipgen_jax.models import clip, clip_tokenizer, vqgan
+from clipgen_jax.models import prior as prior_lib
+
+CONTEXT_LENGTH = 16
+
+
+def _small_clip_config() -> transformers.CLIPConfig:
+    return transformers.CLIPConfig(
+        text_config=dict(vocab_size=clip_tokenizer.VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=CONTEXT_LENGTH,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=16)
+
+
+def save_vqgan(path: pathlib.Path, seed: int) -> pathlib.Path:
+    """The tiny VQGAN preset (32 px, 16 x 16 tokens of 64 codes), random weights from `seed`, as a bundle."""
+    model_config = training.load_config("configs/vqgan.py:tiny").model.to_dict()
+    params = vqgan.init_params(vqgan.from_config(model_config), jax.random.PRNGKey(seed))
+    return checkpointing.save_bundle(path, params, {"kind": "vqgan", "model": model_config})
+
+
+def tiny_models(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A tiny random VQGAN bundle and a tiny random CLIP directory (16-d embeddings, 16-token context)."""
+    save_vqgan(root / "vqgan", seed=0)
+    model = transformers.FlaxCLIPModel(_small_clip_config(), seed=0)
+    clip.export(model, model.params, clip_tokenizer.openai_tokenizer(CONTEXT_LENGTH), clip.Preprocessing(32, 32),
+                root / "clip")
+    return root / "vqgan", root / "clip"
+
+
+def tiny_prior_config(vqgan_path, clip_path):
+    config = training.load_config("configs/prior.py:tiny")
+    config.vqgan, config.clip = str(vqgan_path), str(clip_path)
+    return config
+
+
+def save_prior_bundle(path: pathlib.Path, vqgan_path, clip_path, seed: int = 0, **cond) -> pathlib.Path:
+    """A random-weight tiny prior exported like a finished run, with the identities of the two models."""
+    config = tiny_prior_config(vqgan_path, clip_path)
+    config.cond.update(cond)
+    model = prior_lib.from_config(config.model)
+    params = prior_lib.init_params(model, jax.random.PRNGKey(seed))
+    vqgan_model, vqgan_params, vqgan_metadata = checkpointing.load_vqgan(vqgan_path)
+    identities = {"vqgan": precomputed.vqgan_identity(vqgan_path, vqgan_params, vqgan_metadata["model"]),
+                  "clip": precomputed.clip_identity(clip.load(clip_path))}
+    metadata = pipeline.prior_metadata(config.to_dict(), vqgan_path=vqgan_path, step=0, identities=identities,
+                                       bundle_dir=path)
+    return checkpointing.save_bundle(path, params, metadata)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    vqgan_path, clip_path = tiny_models(root)
+    return save_prior_bundle(root / "prior", vqgan_path, clip_path)
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    return pipeline.Pipeline.load(bundle)
+
+
+PROMPTS = ["a small red circle in the top left on a black background", "a large blue square in the center"]
+
+
+def test_generate_returns_the_best_candidates_ranked_by_clip_similarity(pipe):
+    assert pipe.grid_shape == (16, 16) and pipe.image_size == 32
+    all_images, all_scores = pipe.generate(PROMPTS, num_candidates=3, keep=3, seed=0, batch_size=4)
+    images, scores = pipe.generate(PROMPTS, num_candidates=3, keep=2, seed=0, batch_size=4)
+    assert images.shape == (2, 2, 32, 32, 3) and images.dtype == np.uint8
+    assert scores.shape == (2, 2) and scores.dtype == np.float32
+    assert np.all(np.diff(all_scores, axis=1) <= 0)  # best first
+    # keep=2 is the first two of the same three candidates (same seed, same batches).
+    np.testing.assert_array_equal(images, all_images[:, :2])
+    np.testing.assert_array_equal(scores, all_scores[:, :2])
+    # The scores are CLIP's cosine similarity between each saved (uint8) image and its prompt.
+    image_emb = pipe.clip.embed_images(all_images.reshape(-1, 32, 32, 3).astype(np.float32) / 127.5 - 1.0)
+    text_emb = pipe.clip.embed_texts(PROMPTS)
+    expected = np.einsum("pkd,pd->pk", image_emb.reshape(2, 3, -1), text_emb)
+    np.testing.assert_allclose(all_scores, expected, atol=1e-5)
+    assert len({image.tobytes() for image in all_images.reshape(-1, 32, 32, 3)}) == 6  # distinct samples
+    again, _ = pipe.generate(PROMPTS, num_candidates=3, keep=2, seed=0, batch_size=4)
+    np.testing.assert_array_equal(again, images)
+    other_seed, _ = pipe.generate(PROMPTS, num_candidates=3, keep=2, seed=1, batch_size=4)
+    assert not np.array_equal(other_seed, images)
+
+
+def test_generate_from_image_embeddings_ranks_by_similarity_to_them(pipe):
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(1, 16)).astype(np.float32) * 3.0  # normalised by the pipeline
+    images, scores = pipe.generate(image_embeddings=embeddings, num_candidates=4, keep=4, seed=0, batch_size=4)
+    assert images.shape == (1, 4, 32, 32, 3) and np.all(np.diff(scores, axis=1) <= 0)
+    image_emb = pipe.clip.embed_images(images[0].astype(np.float32) / 127.5 - 1.0)
+    unit = embeddings[0] / np.linalg.norm(embeddings[0])
+    np.testing.assert_allclose(scores[0], image_emb @ unit, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one of"):
+        pipe.generate(PROMPTS, image_embeddings=embeddings)
+    with pytest.raises(ValueError, match=r"must be \[P, 16\]"):
+        pipe.generate(image_embeddings=np.ones((1, 8), np.float32))
+    with pytest.raises(ValueError, match="keep=5 must be between 1 and num_candidates=4"):
+        pipe.generate(image_embeddings=embeddings, num_candidates=4, keep=5)
+
+
+def test_prompt_problems_are_named(pipe):
+    with pytest.raises(pipeline.PromptError, match="prompt 1 is empty"):
+        pipe.check_prompts(["a red circle", "  "])
+    with pytest.raises(pipeline.PromptError, match=r"prompt 0 is too long: 19 CLIP tokens, at most 16"):
+        pipe.check_prompts(["a small red circle in the top left on a black background next to a green square"])
+    with pytest.raises(pipeline.PromptError, match="no prompts"):
+        pipe.check_prompts([])
+
+
+def test_a_vqgan_or_clip_the_prior_was_not_trained_with_is_refused(bundle, tmp_path):
+    other = save_vqgan(tmp_path / "other_vqgan", seed=1)
+    with pytest.raises(pipeline.ModelMismatchError, match=r"trained with the VQGAN .*vqgan \(weights [0-9a-f]{12}\), "
+                                                          r"but the VQGAN .*other_vqgan has weights"):
+        pipeline.Pipeline.load(bundle, vqgan=other)
+    other_clip = tmp_path / "other_clip"
+    model = transformers.FlaxCLIPModel(_small_clip_config(), seed=1)
+    clip.export(model, model.params, clip_tokenizer.openai_tokenizer(CONTEXT_LENGTH), clip.Preprocessing(32, 32),
+                other_clip)
+    with pytest.raises(pipeline.ModelMismatchError, match="pass --clip with the CLIP the prior was trained with"):
+        pipeline.Pipeline.load(bundle, clip=str(other_clip))
+
+
+def test_bundle_records_its_models_and_finds_them_after_a_move(bundle, tmp_path):
+    metadata = checkpointing.load_bundle_metadata(bundle)
+    assert metadata["kind"] == "prior" and metadata["cond"]["source"] == "image"
+    assert metadata["vqgan"] == str(bundle.parent / "vqgan") and metadata["clip"] == str(bundle.parent / "clip")
+    assert metadata["vqgan_relative"] == "../vqgan" and metadata["clip_relative"] == "../clip"
+    # The runs directory moved as a whole: the absolute paths are gone, the relative ones still hold.
+    moved = tmp_path / "moved"
+    shutil.copytree(bundle.parent, moved)
+    metadata.update(vqgan="/nonexistent/vqgan", clip="/nonexistent/clip")
+    (moved / "prior" / checkpointing.BUNDLE_METADATA).write_text(json.dumps(metadata))
+    loaded = pipeline.Pipeline.load(moved / "prior")
+    assert loaded.clip.name == str(moved / "prior" / "../clip")
+
+
+def test_missing_prior_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no prior at .*nothing: train one"):
+        pipeline.Pipeline.load(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="neither a prior bundle nor a training checkpoint"):
+        pipeline.Pipeline.load(tmp_path)
+
+
+def test_prompts_file_rules(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle\na blue square\n")
+    assert pipeline.read_prompts_file(path) == ["a red circle", "a blue square"]
+    path.write_text("a red circle\r\na blue square")
+    assert pipeline.read_prompts_file(path) == ["a red circle", "a blue square"]
+    path.write_text("a red circle\n\na blue square\n")
+    with pytest.raises(pipeline.PromptError, match="line 2 of the prompts file .* is empty"):
+        pipeline.read_prompts_file(path)
+    path.write_text("a red circle\n\n")
+    with pytest.raises(pipeline.PromptError, match="line 2 .* is empty"):
+        pipeline.read_prompts_file(path)
+    path.write_text("")
+    with pytest.raises(pipeline.PromptError, match="is empty; write one prompt per line"):
+        pipeline.read_prompts_file(path)
+    path.write_bytes(b"\xff\xfe red")
+    with pytest.raises(pipeline.PromptError, match="cannot read the prompts file"):
+        pipeline.read_prompts_file(path)
+    with pytest.raises(pipeline.PromptError, match="cannot read the prompts file .*missing.txt: No such file"):
+        pipeline.read_prompts_file(tmp_path / "missing.txt")
+
+
+def test_save_samples_writes_the_layout_and_replaces_only_its_own_output(tmp_path):
+    images = np.arange(2 * 3 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 4, 3)
+    scores = np.array([[0.5, 0.4, 0.1], [0.9, 0.2, 0.1]], np.float32)
+    out = pipeline.save_samples(tmp_path / "out", images, scores, seed=7, prompts=["a", "b"])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["0000_00.png", "0000_01.png", "0000_02.png", "0001_00.png", "0001_01.png", "0001_02.png",
+                     "grid.png", "samples.json"]
+    records = json.loads((out / "samples.json").read_text())
+    assert records[4] == {"prompt_index": 1, "rank": 1, "prompt": "b", "seed": 7, "file": "0001_01.png",
+                          "clip_score": pytest.approx(0.2)}
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "0001_01.png")), images[1, 1])
+    assert np.asarray(Image.open(out / "grid.png")).shape == (2 * 5 + 1, 3 * 5 + 1, 3)  # a row per prompt
+    pipeline.save_samples(out, images[:1], scores[:1], seed=7, prompts=["a"])  # an earlier output: replaced
+    assert len(list(out.iterdir())) == 5 and not list(tmp_path.glob(".*"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not an earlier output of generate"):
+        pipeline.save_samples(tmp_path / "mine", images, scores, seed=7, prompts=["a", "b"])

@@ -1,0 +1,99 @@
+"""Generates images with a trained prior: text prompts, a prompts file, or variations of images.
+
+  python tools/generate.py --text "a small red circle in the top left on a black background" [--text ...]
+  python tools/generate.py --prompts FILE        (one prompt per line; a final newline is fine, empty lines are not)
+  python tools/generate.py --image PATH [--image ...]   (variations: conditioned on the image's CLIP embedding)
+      [--prior DIR (default runs/shapes/prior: a prior training workdir or an exported bundle)]
+      [--vqgan DIR --clip NAME_OR_DIR (default: the prior's own, from its metadata)]
+      [--num_candidates 16 --keep 1 --temperature 1 --top_k K --top_p P --guidance_scale 1 --seed 0]
+      [--out generated]
+
+For each prompt it draws num_candidates images, ranks them by CLIP similarity to the prompt (to the image for
+--image) and keeps the best `keep`, writing OUT/{prompt_index:04d}_{rank:02d}.png at the model's native resolution
+(rank 0 = best), OUT/grid.png and OUT/samples.json (prompt, seed, file and CLIP score of each image). OUT is written
+whole or not at all; an earlier output there is replaced.
+"""
+
+import sys
+
+import numpy as np
+from absl import app, flags
+from PIL import Image
+
+import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
+from clipgen_jax import pipeline
+from clipgen_jax.training import writer
+
+DEFAULT_PRIOR = "runs/shapes/prior"  # where tools/demo.py leaves the Shapes prior (../shared/SHAPES.md)
+
+_TEXT = flags.DEFINE_multi_string("text", None, "A prompt; repeat for several.")
+_PROMPTS = flags.DEFINE_string("prompts", None, "A UTF-8 file with one prompt per line.")
+_IMAGE = flags.DEFINE_multi_string("image", None, "An image to make variations of; repeat for several.")
+_PRIOR = flags.DEFINE_string("prior", DEFAULT_PRIOR, "Prior training workdir or exported bundle.")
+_VQGAN = flags.DEFINE_string("vqgan", None, "VQGAN workdir or bundle (default: the prior's).")
+_CLIP = flags.DEFINE_string("clip", None, "CLIP Hub id, directory or packaged name (default: the prior's).")
+_NUM_CANDIDATES = flags.DEFINE_integer("num_candidates", 16, "Images drawn per prompt before re-ranking.")
+_KEEP = flags.DEFINE_integer("keep", 1, "Best images kept per prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens only.")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling: the smallest token set with this probability mass.")
+_GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale (1 = none; needs a "
+                                     "prior trained with cond.dropout > 0).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images sampled per device call.")
+_OUT = flags.DEFINE_string("out", "generated", "Output directory.")
+
+
+def _read_image(path: str) -> np.ndarray:
+    """An image file -> [-1, 1] float32 [H, W, 3] (CLIP's preprocessing then resizes and crops it)."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"), np.float32)
+    except (OSError, ValueError) as error:
+        raise pipeline.PromptError(f"cannot read the image {path}: {error}") from None
+    return rgb / 127.5 - 1.0
+
+
+def run() -> str:
+    given = [name for name, flag in (("--text", _TEXT), ("--prompts", _PROMPTS), ("--image", _IMAGE))
+             if flag.value]
+    if len(given) != 1:
+        raise pipeline.PromptError("give exactly one of --text, --prompts and --image"
+                                   + (f" (got {' and '.join(given)})" if given else ""))
+    prompts = sources = None
+    if _PROMPTS.value:
+        prompts = pipeline.read_prompts_file(_PROMPTS.value)
+    elif _TEXT.value:
+        prompts = list(_TEXT.value)
+        empty = [i for i, text in enumerate(prompts) if not text.strip()]
+        if empty:  # before the models load: the message comes at once
+            raise pipeline.PromptError(f"--text number {empty[0] + 1} is empty")
+    else:
+        sources = list(_IMAGE.value)
+        pixels = [_read_image(path) for path in sources]
+    pipe = pipeline.Pipeline.load(_PRIOR.value, vqgan=_VQGAN.value, clip=_CLIP.value)
+    settings = dict(num_candidates=_NUM_CANDIDATES.value, keep=_KEEP.value, temperature=_TEMPERATURE.value,
+                    top_k=_TOP_K.value, top_p=_TOP_P.value, guidance_scale=_GUIDANCE_SCALE.value, seed=_SEED.value,
+                    batch_size=_BATCH_SIZE.value)
+    if prompts is not None:
+        images, scores = pipe.generate(texts=prompts, **settings)
+    else:
+        embeddings = np.concatenate([pipe.clip.embed_images(image[None]) for image in pixels])
+        images, scores = pipe.generate(image_embeddings=embeddings, **settings)
+    out = pipeline.save_samples(_OUT.value, images, scores, seed=_SEED.value, prompts=prompts, sources=sources)
+    return f"wrote {images.shape[0] * images.shape[1]} images ({images.shape[2]} px) to {out}"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    writer.configure_console_logging()
+    try:
+        print(run())
+    except (OSError, ValueError) as error:  # bad prompts, paths or settings: the message says what to do
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
