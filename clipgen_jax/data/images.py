@@ -365,7 +365,7 @@ class ImageBatchIterator:
                 examples.append(example)
         if not examples:
             raise StopIteration
-        return {key: _stack([example[key] for example in examples]) for key in examples[0]}
+        return {key: stack([example[key] for example in examples]) for key in examples[0]}
 
     def get_state(self) -> dict[str, int]:
         return {"next_index": self._next_index, "num_skipped": self.num_skipped}
@@ -383,14 +383,7 @@ class ImageBatchIterator:
             self._iterator = None
 
     def _start(self) -> grain.DatasetIterator:
-        dataset = self._records[self._next_index:].to_iter_dataset()
-        if self._worker_count > 0:
-            # grain 0.2.18's process prefetch reads an absl flag, which raises in programs that never parse absl
-            # flags (tests, notebooks, non-absl CLIs); the flag defaults are what we want.
-            if not flags.FLAGS.is_parsed():
-                flags.FLAGS.mark_as_parsed()
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
-        return iter(dataset)
+        return iterate_from(self._records, self._next_index, self._worker_count)
 
     def _count_skip(self, description: str) -> None:
         self.num_skipped += 1
@@ -403,7 +396,20 @@ class ImageBatchIterator:
                                "check the warnings above and the data config")
 
 
-def _stack(values: list[Any]) -> np.ndarray:
+def iterate_from(records: grain.MapDataset, start: int, worker_count: int) -> grain.DatasetIterator:
+    """Grain iterator over `records[start:]`, read in `worker_count` processes (0: threads of this process)."""
+    dataset = records[start:].to_iter_dataset()
+    if worker_count > 0:
+        # grain 0.2.18's process prefetch reads an absl flag, which raises in programs that never parse absl
+        # flags (tests, notebooks, non-absl CLIs); the flag defaults are what we want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(dataset)
+
+
+def stack(values: list[Any]) -> np.ndarray:
+    """One batch array from per-example values (text as an object array of str)."""
     if isinstance(values[0], (str, bytes)):
         return np.array(values, dtype=object)
     return np.stack(values)

@@ -21,9 +21,9 @@ import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import flags
 
 from clipgen_jax import checkpointing
+from clipgen_jax.data import images
 
 VERSION = "1.0.0"
 FORMAT = "clipgen_precomputed"
@@ -176,7 +176,7 @@ class PrecomputedBatchIterator:
         if not records:
             raise StopIteration
         self._next_index += len(records)
-        return {key: _stack([record[key] for record in records]) for key in records[0]}
+        return {key: images.stack([record[key] for record in records]) for key in records[0]}
 
     def get_state(self) -> dict[str, int]:
         return {"next_index": self._next_index}
@@ -192,20 +192,7 @@ class PrecomputedBatchIterator:
             self._iterator = None
 
     def _start(self) -> grain.DatasetIterator:
-        dataset = self._records[self._next_index:].to_iter_dataset()
-        if self._worker_count > 0:
-            # grain 0.2.18's process prefetch reads an absl flag, which raises in programs that never parse absl
-            # flags (tests, notebooks); the flag defaults are what we want.
-            if not flags.FLAGS.is_parsed():
-                flags.FLAGS.mark_as_parsed()
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
-        return iter(dataset)
-
-
-def _stack(values: list[Any]) -> np.ndarray:
-    if isinstance(values[0], str):
-        return np.array(values, dtype=object)
-    return np.stack(values)
+        return images.iterate_from(self._records, self._next_index, self._worker_count)
 
 
 def make_batch_iterator(data_dir: str | pathlib.Path, name: str, *, split: str, batch_size: int, seed: int,
