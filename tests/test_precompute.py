@@ -7,40 +7,26 @@ import signal
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-import transformers
 from array_record.python import array_record_module
 from PIL import Image
 
 from clipgen_jax import checkpointing, precompute, training
 from clipgen_jax.data import images, precomputed
-from clipgen_jax.models import clip, clip_tokenizer, vqgan
+from clipgen_jax.models import clip
+
+from test_pipeline import tiny_models  # tests/ is on sys.path, as for training/test_prior_stage.py
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _small_clip_config() -> transformers.CLIPConfig:
-    return transformers.CLIPConfig(
-        text_config=dict(vocab_size=clip_tokenizer.VOCAB_SIZE, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=16)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny random VQGAN bundle (32 px, 16 x 16 grid, 64 codes) and a tiny random CLIP (16-d), on disk."""
     root = tmp_path_factory.mktemp("models")
-    model_config = training.load_config("configs/vqgan.py:tiny").model.to_dict()
-    params = vqgan.init_params(vqgan.from_config(model_config), jax.random.PRNGKey(0))
-    checkpointing.save_bundle(root / "vqgan", params, {"kind": "vqgan", "model": model_config})
-    model = transformers.FlaxCLIPModel(_small_clip_config(), seed=0)
-    clip.export(model, model.params, clip_tokenizer.openai_tokenizer(16), clip.Preprocessing(32, 32), root / "clip")
+    tiny_models(root)
     return root
 
 

@@ -3,15 +3,14 @@ resumable state; and the identity check the prior's trainer runs."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-import transformers
 
 from clipgen_jax import checkpointing, precompute, training
 from clipgen_jax.data import precomputed
-from clipgen_jax.models import clip, clip_tokenizer, vqgan
+from clipgen_jax.models import clip
+from test_pipeline import tiny_models  # tests/ is on sys.path, as for training/test_prior_stage.py
 
 NAME = "tiny"
 
@@ -21,18 +20,7 @@ def dataset(shapes_data_dir, tmp_path_factory):
     """The tiny preset (Shapes validation 128 + heldout 96) through a tiny random VQGAN and CLIP: (data_dir, config,
     CLIP) ."""
     root = tmp_path_factory.mktemp("precomputed")
-    model_config = training.load_config("configs/vqgan.py:tiny").model.to_dict()
-    params = vqgan.init_params(vqgan.from_config(model_config), jax.random.PRNGKey(1))
-    checkpointing.save_bundle(root / "vqgan", params, {"kind": "vqgan", "model": model_config})
-    clip_config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=clip_tokenizer.VOCAB_SIZE, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=16)
-    model = transformers.FlaxCLIPModel(clip_config, seed=1)
-    clip.export(model, model.params, clip_tokenizer.openai_tokenizer(16), clip.Preprocessing(32, 32), root / "clip")
+    tiny_models(root)
     config = training.load_config("configs/precompute.py:tiny")
     config.update(vqgan=str(root / "vqgan"), clip=str(root / "clip"), embedding_dtype="float16")
     config.data.data_dir = str(shapes_data_dir)
