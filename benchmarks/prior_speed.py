@@ -33,6 +33,7 @@ _COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", "auto", "auto: bfloat16 on
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed training steps (after one warm-up step).")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 16, "Images per sampling call.")
 _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed sampling calls (after one warm-up call).")
+_SAMPLE = flags.DEFINE_bool("sample", True, "Also time sampling (--nosample: training only).")
 _GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 3.0, "Guidance scale of the guided cached timing.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "Peak dense TFLOP/s of one device for MFU.")
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Model field overrides, e.g. --set=depth=2 --set=scan_layers=true.")
@@ -143,7 +144,7 @@ def main(argv):
         "preset": _PRESET.value, "overrides": _OVERRIDES.value, "compute_dtype": jnp.dtype(model.dtype).name,
         "params": sum(p.size for p in jax.tree.leaves(params)),
         **_benchmark_training(model, params, _BATCH_SIZE.value),
-        **_benchmark_sampling(model, params),
+        **(_benchmark_sampling(model, params) if _SAMPLE.value else {}),
     }
     results_file.append(_OUT.value, result)
 

@@ -2,7 +2,8 @@
 
   python benchmarks/vqgan_speed.py --preset=shapes                       # CPU: the Shapes preset
   python benchmarks/vqgan_speed.py --preset=imagenet_f16_16384 --batch_size=16 --compute_dtype=bfloat16
-      (accelerator: the paper's f16 tokenizer at 256 px; LPIPS needs `python -m clipgen_jax.models.lpips --fetch`)
+      (accelerator: the paper's f16 tokenizer at 256 px; LPIPS needs `python -m clipgen_jax.models.lpips --fetch`,
+      or --random_lpips: random VGG16 + head weights of the same shapes, for machines that cannot fetch them)
 
 FLOPs per step come from XLA's cost analysis of the compiled step; MFU is against --peak_tflops (default 989, dense
 bf16 of an H100 SXM / H200), and is reported only on accelerators. Random images, random initial weights: speed does
@@ -11,6 +12,8 @@ not depend on them. Results are appended as one JSON line to --out with the devi
 
 import datetime
 import json
+import pathlib
+import tempfile
 import time
 
 import jax
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from clipgen_jax import training
+from clipgen_jax.models import lpips
 from clipgen_jax.training import vqgan as vqgan_training
 
 import results_file  # benchmarks/results_file.py (this script's folder is on sys.path)
@@ -28,6 +32,8 @@ _COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", "auto", "Compute dtype.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "Peak dense TFLOP/s of one device for MFU.")
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Config overrides, e.g. --set=model.ch=32.")
+_RANDOM_LPIPS = flags.DEFINE_bool("random_lpips", False, "Time the perceptual loss with random LPIPS weights "
+                                   "(speed does not depend on them) instead of the fetched ones.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/vqgan_speed.jsonl", "JSON-lines results file.")
 
 
@@ -63,6 +69,11 @@ def main(argv):
         _apply_override(config, assignment)
     batch_size = _BATCH_SIZE.value or config.train.batch_size
     config.loss.disc_start = 0  # the GAN branch runs from disc_start on: time the full step, as taming after it
+    if _RANDOM_LPIPS.value:
+        image = jnp.zeros((1, lpips.MIN_IMAGE_SIZE, lpips.MIN_IMAGE_SIZE, 3))
+        random_params = lpips.LPIPS().init(jax.random.PRNGKey(0), image, image)["params"]
+        config.loss.lpips_weights = str(lpips.save_params(
+            random_params, pathlib.Path(tempfile.mkdtemp()) / "random_lpips.npz"))
     stage = vqgan_training.VQGANStage(config)
     size = config.model.resolution
     images = jax.random.uniform(jax.random.PRNGKey(0), (batch_size, size, size, 3), minval=-1.0, maxval=1.0)
@@ -91,7 +102,7 @@ def main(argv):
         "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "device_count": 1,
         "preset": _PRESET.value, "overrides": _OVERRIDES.value, "batch_size": batch_size,
         "compute_dtype": jnp.dtype(stage.model.dtype).name,
-        "perceptual": stage.use_perceptual, "gan": stage.use_gan,
+        "perceptual": stage.use_perceptual, "random_lpips": _RANDOM_LPIPS.value, "gan": stage.use_gan,
         "train_images_per_second": batch_size / step_seconds,
         "encode_images_per_second": batch_size / encode_seconds,
         "decode_images_per_second": batch_size / decode_seconds,

@@ -50,7 +50,10 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         restart_dead_codes=True, restart_every=100, restart_threshold=0.01, usage_decay=0.99,
         continuous_warmup_steps=0))  # > 0: decode unquantized latents for that many steps, then seed the codebook
     config.loss = ml_collections.ConfigDict(dict(
-        l1_weight=1.0, l2_weight=1.0, gradient_weight=0.0, perceptual_weight=0.0, codebook_weight=1.0,
+        # foreground_weight > 0: L1 / L2 weighted towards pixels unlike the image's border colour
+        # (training/vqgan.foreground_weights), for small objects on plain backgrounds.
+        l1_weight=1.0, l2_weight=1.0, gradient_weight=0.0, foreground_weight=0.0, perceptual_weight=0.0,
+        codebook_weight=1.0,
         disc_weight=0.0, disc_start=0, gan_loss="hinge", disc_adaptive_max=1e4, disc_ndf=64, disc_layers=3,
         lpips_weights=ml_collections.config_dict.placeholder(str)))  # None: the default weights location
     config.optimizer = ml_collections.ConfigDict(dict(learning_rate=4e-4, disc_learning_rate=4e-4, b1=0.5, b2=0.9,

