@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-test demo test test-fast
+.PHONY: install install-test demo test test-fast test-faults
 
 install: $(VENV)/.installed
 
@@ -37,3 +37,8 @@ test: install-test $(LPIPS_WEIGHTS)
 # Fast tier only: the slow end-to-end tests are deselected.
 test-fast: install-test $(LPIPS_WEIGHTS)
 	CLIPGEN_LPIPS_WEIGHTS=$(LPIPS_WEIGHTS) $(PY) -m pytest -m "not slow"
+
+# The fault suite alone (kills, damaged checkpoints, locks, full disks, hostile files, bad input; part of `test`).
+# CLIPGEN_FAULT_SEED=N replays the kill points of a run that printed N.
+test-faults: install-test $(LPIPS_WEIGHTS)
+	CLIPGEN_LPIPS_WEIGHTS=$(LPIPS_WEIGHTS) $(PY) -m pytest -m faults

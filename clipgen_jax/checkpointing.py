@@ -3,13 +3,21 @@
 A checkpoint is written to a temporary directory and renamed when complete (Orbax's atomicity), so a run killed
 mid-save leaves the previous checkpoint as the latest complete one. Saves are asynchronous by default: the device
 arrays are copied to host memory before `save` returns, and the files are written in the background.
+
+Every checkpoint carries a manifest of its files' SHA-256 (`MANIFEST`), written after its last file and before the
+rename that commits it, and checked before every restore: Orbax itself reads a flipped byte in array data back as a
+wrong value without complaint (zstd chunks carry no checksum). Resuming skips a damaged or unreadable checkpoint with
+a warning naming it, falls back to the newest one that restores, and moves the skipped ones aside
+(`<step>.unreadable`), because the resumed run will save those steps again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import os
 import pathlib
 import shutil
 from typing import Any
@@ -18,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from clipgen_jax.models import vqgan
 
@@ -25,10 +34,66 @@ logger = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
 DATA_ITEM = "data_iterator"
+# {"format": 1, "files": {path relative to the step directory: {"bytes": size, "sha256": hex digest}}}.
+MANIFEST = "sha256_manifest.json"
+# Orbax (0.12) writes step N into `N.orbax-checkpoint-tmp` and renames it to `N` to commit it. The manifest is written
+# in there, so it is committed together with the files it describes.
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# Orbax rewrites this one (timestamps only; a restore does not need it) while committing, after the manifest.
+_UNLISTED = frozenset({MANIFEST, "_CHECKPOINT_METADATA"})
+# Checkpoints skipped on resume are renamed `<step>.unreadable` (Orbax lists only directories named by an integer).
+UNREADABLE_SUFFIX = ".unreadable"
 
 
 class UnrestorableCheckpointsError(RuntimeError):
     """A workdir holds checkpoints, but none of them restores into the run's train state."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint's files differ from its manifest: it was damaged on disk after it was written."""
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | pathlib.Path) -> None:
+    """Writes `directory/MANIFEST`: the size and SHA-256 of every other file under `directory` (but Orbax's step
+    metadata)."""
+    directory = pathlib.Path(directory)
+    files = {path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+             for path in sorted(directory.rglob("*"))
+             if path.is_file() and path.relative_to(directory).as_posix() not in _UNLISTED}
+    temporary = directory / f".{MANIFEST}.incomplete"
+    temporary.write_text(json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True))
+    os.replace(temporary, directory / MANIFEST)
+
+
+def verify_manifest(directory: str | pathlib.Path) -> bool:
+    """Checks every file `directory`'s manifest lists: True when all match, False when there is no manifest (a
+    checkpoint from before manifests); raises `CorruptCheckpointError` naming the first file that differs."""
+    directory = pathlib.Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        files = json.loads(path.read_text())["files"]
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptCheckpointError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+    for name, (size, digest) in expected.items():
+        file = directory / name
+        if not file.is_file():
+            raise CorruptCheckpointError(f"{file} is missing")
+        if file.stat().st_size != size:
+            raise CorruptCheckpointError(f"{file} has {file.stat().st_size} bytes; it was written with {size}")
+        if _sha256(file) != digest:
+            raise CorruptCheckpointError(f"{file} does not match the SHA-256 it was written with")
+    return True
 
 
 class Checkpointer:
@@ -37,8 +102,13 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 3, save_interval_steps: int = 1000,
                  async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                               enable_async_checkpointing=async_save, create=True)
+        self._async_save = async_save
+        self._saving_step: int | None = None
+        # Always Orbax's async checkpointer, because only it calls back between a save's last file and its commit
+        # (where the manifest goes); a synchronous save is an asynchronous one waited for.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest), create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM))
 
     def all_steps(self) -> list[int]:
@@ -49,34 +119,74 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
         """Saves when `step` is on the save interval (or `force`); returns whether a save was started."""
-        return self._manager.save(
+        self._manager.wait_until_finished()  # the previous save's callback reads _saving_step
+        self._saving_step = step
+        started = self._manager.save(
             step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
                                              DATA_ITEM: ocp.args.JsonSave(data_state)}), force=force)
+        if started and not self._async_save:
+            self._manager.wait_until_finished()
+        return started
+
+    def _write_manifest(self) -> None:
+        """Orbax's post-finalization callback: runs on the primary process once every process's files are written,
+        before the commit."""
+        staged = self.directory / f"{self._saving_step}{_ORBAX_TMP_SUFFIX}"
+        write_manifest(staged if staged.is_dir() else self.directory / str(self._saving_step))
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings)."""
+        """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings); raises
+        `CorruptCheckpointError` when the files differ from the checkpoint's manifest."""
+        verified = verify_manifest(self.directory / str(step))
         restored = self._manager.restore(
             step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
                                              DATA_ITEM: ocp.args.JsonRestore()}))
+        if not verified:
+            logger.warning("checkpoint %s/%d has no %s (written by an older version): restored it unverified",
+                           self.directory, step, MANIFEST)
         return restored[STATE_ITEM], restored[DATA_ITEM]
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
-        """The newest checkpoint that restores; an unreadable one is skipped with a warning naming it. None when
-        there are no checkpoints; an error when there are some but none restores, because starting afresh would
-        overwrite them (they are usually from another config or code version, not damaged)."""
+        """The newest checkpoint that restores; a damaged or unreadable one is skipped with a warning naming it, and
+        moved aside once an older one restores. None when there are no checkpoints; an error when there are some but
+        none restores, because starting afresh would overwrite them (they are usually from another config or code
+        version, not damaged)."""
         steps = self.all_steps()
+        skipped = []
         for step in reversed(steps):
             try:
-                return self.restore(step, abstract_state)
+                restored = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 (any failure to read a checkpoint means: try an older one)
                 logger.warning("checkpoint %s/%d is unreadable (%s: %s); trying an older one",
                                self.directory, step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                skipped.append(step)
+                continue
+            self._move_aside(skipped)
+            return restored
         if steps:
             raise UnrestorableCheckpointsError(
                 f"none of the {len(steps)} checkpoints in {self.directory} (steps {steps}) restores into this run's "
                 "train state (see the warnings above): they were written by another config or code version, or are "
                 "damaged. Use a new workdir, or move the checkpoints away to start this one afresh")
         return None
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Renames checkpoints newer than the one resumed from, which the run will save again (Orbax refuses to
+        overwrite a step); kept rather than deleted, for inspection."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                target = self.directory / f"{step}{UNREADABLE_SUFFIX}"
+                for n in itertools.count(1):
+                    if not target.exists():
+                        break
+                    target = self.directory / f"{step}{UNREADABLE_SUFFIX}.{n}"
+                (self.directory / str(step)).rename(target)
+                logger.warning("moved the unreadable checkpoint %s/%d to %s", self.directory, step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpointing: unreadable checkpoints moved aside")
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -117,10 +227,18 @@ def save_bundle(directory: str | pathlib.Path, params: Any, metadata: dict, *, o
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir(parents=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(temporary / BUNDLE_PARAMS, params)
-    checkpointer.wait_until_finished()
-    (temporary / BUNDLE_METADATA).write_text(json.dumps(metadata, indent=2))
+    try:
+        # Written by the calling process alone (process 0 of a multi-process run): Orbax's default options would
+        # wait at a barrier for every process.
+        this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                          active_processes={jax.process_index()})
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process)
+        checkpointer.save(temporary / BUNDLE_PARAMS, params)
+        checkpointer.wait_until_finished()
+        (temporary / BUNDLE_METADATA).write_text(json.dumps(metadata, indent=2))
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)  # e.g. a full disk: free what the half-written bundle holds
+        raise
     if directory.exists():
         replaced = directory.with_name(f".{directory.name}.replaced")
         directory.rename(replaced)
@@ -144,6 +262,14 @@ def load_bundle_metadata(directory: str | pathlib.Path) -> dict:
 
 def load_bundle_params(directory: str | pathlib.Path, abstract_params: Any) -> Any:
     """Params of a bundle, restored into `abstract_params` (ShapeDtypeStructs, optionally with shardings)."""
+    # Leaves without a sharding go to this process's first device. Left to itself Orbax would use the sharding the
+    # bundle was written with, which names the writer's devices: a run on another topology (several processes)
+    # fails with "Topology mismatch detected".
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_params = jax.tree.map(
+        lambda x: x if getattr(x, "sharding", None) is not None else jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                          sharding=local),
+        abstract_params)
     return ocp.StandardCheckpointer().restore(pathlib.Path(directory).absolute() / BUNDLE_PARAMS, abstract_params)
 
 

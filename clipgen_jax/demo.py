@@ -8,11 +8,17 @@ Stages, each a library call:
   4. precompute VQGAN tokens and CLIP embeddings into OUT/data (`configs/precompute.py:shapes`; another dataset name
      than the Shapes source in the same TFDS data_dir),
   5. train the language-free prior into OUT/prior (`configs/prior.py:shapes`),
-  6. generate for the 96 held-out canonical captions through `Pipeline` (NUM_CANDIDATES per prompt) and score the
-     rank-0 image with the oracle, with CLIP re-ranking (the best of the candidates) and without (one sample per
-     prompt), for each of SEEDS; a grid of the first GRID_PROMPTS prompts goes to OUT/samples_heldout.png.
-Results go to OUT/results.json and OUT/results.md: stage times, the VQGAN table, the CLIP used, the prior's oracle
-accuracies (mean and standard deviation over the seeds) and issue 7's time budget beside the measured times.
+  6. generate for the 96 held-out canonical captions through `Pipeline`, with CLIP re-ranking (the best of
+     NUM_CANDIDATES) and without (one sample), and score with `evaluation.generation`: the oracle's accuracies of one
+     image per prompt for each of SEEDS, and CLIP score and FD-CLIP (against the `heldout` images) of
+     IMAGES_PER_PROMPT images per prompt for the first seed, both from the evaluation CLIP (EVAL_CLIP, never the one
+     that conditions and re-ranks); a grid of the first GRID_PROMPTS prompts goes to OUT/samples_heldout.png.
+Results go to OUT/results.json and OUT/results.md: stage times, the VQGAN table, the CLIP used, the generation scores
+(mean and standard deviation over the seeds) and issue 7's time budget beside the measured times.
+
+`compare` (issue 7's `--compare`) then trains the ablations and the upper bound of COMPARE_PRIORS into OUT/compare/
+(the same prior recipe with one conditioning switch changed) and scores each like the main prior (re-ranked), into
+one table with the main prior's rows: results["compare"].
 
 `quick` runs the same chain on the `tiny` Shapes build with the `tiny` presets (a short prior run, QUICK_CANDIDATES
 candidates, one seed): a smoke run of a few minutes whose accuracies mean nothing.
@@ -37,21 +43,40 @@ from PIL import Image, ImageDraw
 
 from clipgen_jax import checkpointing, pipeline, precompute, training
 from clipgen_jax.data import precomputed, shapes, shapes_tfds
-from clipgen_jax.evaluation import reconstruction
+from clipgen_jax.evaluation import clip_scores, generation, reconstruction
 from clipgen_jax.models import clip as clip_lib
 from clipgen_jax.training import writer
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "shapes-clip"
+EVAL_CLIP = "shapes-clip-eval"  # scores generated images (CLIP score, FD-CLIP); trained with another seed
 NUM_CANDIDATES = 16  # images drawn per prompt; re-ranking keeps the CLIP-best
 SEEDS = (0, 1, 2)  # sampling seeds the accuracies are averaged over
+# CLIP score and FD-CLIP see 21 images per prompt (2016 >= 2000 against the 2000 held-out images), for the first seed
+# only: all three seeds would take 3 x 34k samples, over the 6-minute budget for generation + evaluation.
+IMAGES_PER_PROMPT = 21
+FEATURE_SEEDS = 1
+SAMPLING_BATCH = 128
 QUICK_CANDIDATES = 4
 QUICK_SEEDS = (0,)
+QUICK_IMAGES_PER_PROMPT = 2
 QUICK_PRIOR_STEPS = 20
 GRID_PROMPTS = 16  # prompts (rows) in the sample grid
 GRID_FILE = "samples_heldout.png"
-ACCURACY_KEYS = ("all",) + shapes.ATTRIBUTE_NAMES
+METHOD_LABELS = {"reranked": "CLIP-GEN, CLIP re-ranking (best of {num_candidates})",
+                 "single": "CLIP-GEN, no re-ranking"}
+
+# --compare: (key, table label, cond.* overrides of the main prior's config, sampling guidance scale).
+# The noise xi = 0.13 matches the measured modality gap of shapes-clip: its image embeddings have cosine 0.991 with
+# their own canonical caption's text embedding (validation split), and normalise(e + xi n) has cosine
+# 1 / sqrt(1 + xi^2) = 0.991 with e for a random unit n orthogonal to e.
+COMPARE_PRIORS = (
+    ("noise", "CLIP-GEN + embedding noise (LAFITE, xi 0.13)", {"noise": 0.13}, 1.0),
+    ("guidance", "CLIP-GEN + classifier-free guidance (dropout 0.1, scale 3)", {"dropout": 0.1}, 3.0),
+    ("text", "text-supervised prior (upper bound; trained on caption embeddings)", {"source": "text"}, 1.0),
+)
+COMPARE_BUDGET_MINUTES = 90
 
 # Issue 7's budget on the 2-core CPU, compilation included: (label, stages counted, minutes).
 BUDGET = (
@@ -106,11 +131,11 @@ def _previous_results(out: pathlib.Path) -> dict:
 
 
 def run(out: str | pathlib.Path = "runs/shapes", quick: bool = False, clip: str = DEFAULT_CLIP,
-        train_clip: bool = False) -> dict:
+        train_clip: bool = False, eval_clip: str = EVAL_CLIP, compare: bool = False) -> dict:
     """Runs the demo into `out` and returns its results (also written to `out/results.json` and `results.md`).
 
     `clip`: the CLIP that conditions and re-ranks (packaged name, directory or Hub id); ignored with `train_clip`,
-    which trains one into `out/clip` and uses its export."""
+    which trains one into `out/clip` and uses its export. `eval_clip`: the CLIP that scores the generated images."""
     out = pathlib.Path(out).absolute()  # the precompute plan records paths: a rerun from elsewhere must match
     data_dir = out / "data"
     previous = _previous_results(out)
@@ -119,6 +144,7 @@ def run(out: str | pathlib.Path = "runs/shapes", quick: bool = False, clip: str 
     preset = "tiny" if quick else "shapes"
     if not train_clip:
         clip_lib.resolve(clip)  # a missing CLIP fails now, not after the VQGAN's training
+    clip_lib.resolve(eval_clip)
 
     # 1. The Shapes world.
     shapes_name = "tiny" if quick else "s32"
@@ -170,20 +196,31 @@ def run(out: str | pathlib.Path = "runs/shapes", quick: bool = False, clip: str 
                                   train_split="train", eval_split="validation")
     _train(clock, "train_prior", prior_config, out / "prior")
 
-    # 6. Generation and the oracle's scores.
-    num_candidates, seeds = (QUICK_CANDIDATES, QUICK_SEEDS) if quick else (NUM_CANDIDATES, SEEDS)
+    # 6. Generation and its scores.
+    num_candidates, seeds, images_per_prompt = (
+        (QUICK_CANDIDATES, QUICK_SEEDS, QUICK_IMAGES_PER_PROMPT) if quick else
+        (NUM_CANDIDATES, SEEDS, IMAGES_PER_PROMPT))
     pipe = pipeline.Pipeline.load(out / "prior")
+    scorer = clip_lib.load(eval_clip)
     settings = {"prior_weights_hash": checkpointing.params_hash(pipe.prior_params), "prior_step": pipe.metadata["step"],
                 "num_prompts": len(shapes.heldout_combinations()), "num_candidates": num_candidates,
-                "seeds": list(seeds)}
+                "seeds": list(seeds), "images_per_prompt": images_per_prompt, "feature_seeds": FEATURE_SEEDS,
+                "eval_clip": pipeline.model_reference(eval_clip), "eval_clip_weights_hash": scorer.weights_hash()}
     earlier = previous.get("prior")
     if earlier is not None and earlier.get("settings") == settings and (out / GRID_FILE).is_file():
         clock.run("generate_evaluate", True, lambda: None)
         results["prior"] = earlier
     else:
-        results["prior"] = clock.run("generate_evaluate", False, evaluate_prior, pipe, out / GRID_FILE,
-                                     num_candidates=num_candidates, seeds=seeds)
+        results["prior"] = clock.run(
+            "generate_evaluate", False, evaluate_prior, pipe, scorer, vqgan_config.data, out / GRID_FILE,
+            num_candidates=num_candidates, seeds=seeds, images_per_prompt=images_per_prompt)
         results["prior"]["settings"] = settings
+    results["prior"]["train_steps"] = prior_config.train.steps
+
+    if compare:
+        results["compare"] = _compare(clock, out, prior_config, results["prior"], previous.get("compare", {}), scorer,
+                                      vqgan_config.data, num_candidates=num_candidates, seeds=seeds,
+                                      images_per_prompt=images_per_prompt)
     results["prior"]["train_steps"] = prior_config.train.steps
 
     results["budget"] = budget(results["seconds"])
@@ -193,35 +230,68 @@ def run(out: str | pathlib.Path = "runs/shapes", quick: bool = False, clip: str 
     return results
 
 
-def evaluate_prior(pipe: pipeline.Pipeline, grid_path: pathlib.Path, *, num_candidates: int,
-                   seeds: tuple[int, ...], batch_size: int | None = None) -> dict:
-    """The oracle's accuracies on the held-out canonical captions, per seed and as mean / std over seeds:
-    "reranked" scores the CLIP-best of `num_candidates` images per prompt, "single" one sample per prompt (no
-    re-ranking). The grid of the first seed's candidates (rows: the first GRID_PROMPTS prompts, best first) is saved
-    to `grid_path`."""
+def _heldout_evaluation(pipe: pipeline.Pipeline, eval_clip: clip_lib.CLIP, reference_config, **kwargs):
+    """`generation.evaluate_methods` on the held-out canonical captions against the `heldout` images of
+    `reference_config`, scored by `eval_clip` (refused when it is the CLIP that conditions and re-ranks)."""
+    if eval_clip.weights_hash() == pipe.clip.weights_hash():
+        raise ValueError(f"the evaluation CLIP {eval_clip.name} is the CLIP that conditions and re-ranks the prior; "
+                         "scores must come from another one")
     attributes = shapes.heldout_combinations()
+    reference = clip_scores.read_split(reference_config.copy_and_resolve_references(), "heldout", batch_size=256)
     prompts = [shapes.canonical_caption(attrs) for attrs in attributes]
-    batch_size = batch_size or len(prompts)  # one sampler shape for both calls (it compiles once)
-    per_seed: dict[str, list[dict]] = {"reranked": [], "single": []}
-    for index, seed in enumerate(seeds):
-        logger.info("generating %d x %d held-out images (seed %d)", len(prompts), num_candidates, seed)
-        images_PKHWC, _ = pipe.generate(prompts, num_candidates=num_candidates, keep=num_candidates, seed=seed,
-                                        batch_size=batch_size)
-        single_PKHWC, _ = pipe.generate(prompts, num_candidates=1, keep=1, seed=seed, batch_size=batch_size)
-        per_seed["reranked"].append(shapes.score_images(images_PKHWC[:, 0], attributes))
-        per_seed["single"].append(shapes.score_images(single_PKHWC[:, 0], attributes))
-        if index == 0:
-            Image.fromarray(captioned_grid(images_PKHWC[:GRID_PROMPTS], prompts[:GRID_PROMPTS])).save(grid_path)
-    summary: dict = {"num_prompts": len(prompts), "num_candidates": num_candidates, "seeds": list(seeds),
-                     "grid": grid_path.name}
-    for method, scores in per_seed.items():
-        summary[method] = {"per_seed": scores, "mean": {}, "std": {}}
-        for key in scores[0]:
-            values = np.asarray([s[key] for s in scores])
-            summary[method]["mean"][key] = float(values.mean())
-            # Sample standard deviation over the seeds; none from a single seed.
-            summary[method]["std"][key] = float(values.std(ddof=1)) if len(values) > 1 else None
-    return summary
+
+    def evaluate(methods: dict) -> dict:
+        return generation.evaluate_methods(methods, prompts, eval_clip=eval_clip, attributes=attributes,
+                                           reference_features_ND=eval_clip.embed_images(reference["image"]),
+                                           **kwargs)
+    return evaluate, prompts, len(reference["image"])
+
+
+def evaluate_prior(pipe: pipeline.Pipeline, eval_clip: clip_lib.CLIP, reference_config, grid_path: pathlib.Path, *,
+                   num_candidates: int, seeds: tuple[int, ...], images_per_prompt: int,
+                   feature_seeds: int = FEATURE_SEEDS, batch_size: int = SAMPLING_BATCH) -> dict:
+    """Scores of the prior on the held-out canonical captions with re-ranking ("reranked": the CLIP-best of
+    `num_candidates`) and without ("single"), from `eval_clip` against the `heldout` split of `reference_config`
+    (see the module docstring). The grid of the first seed's candidates (rows: the first GRID_PROMPTS prompts, best
+    first) is saved to `grid_path`."""
+    evaluate, prompts, num_reference = _heldout_evaluation(
+        pipe, eval_clip, reference_config, seeds=seeds, images_per_prompt=images_per_prompt,
+        feature_seeds=min(feature_seeds, len(seeds)))
+    method = generation.pipeline_method(pipe, batch_size=batch_size)
+    methods = evaluate({"reranked": (method, num_candidates), "single": (method, 1)})
+    grid_images, _ = pipe.generate(prompts[:GRID_PROMPTS], num_candidates=num_candidates, keep=num_candidates,
+                                   seed=seeds[0], batch_size=batch_size)
+    Image.fromarray(captioned_grid(grid_images, prompts[:GRID_PROMPTS])).save(grid_path)
+    return {"num_prompts": len(prompts), "num_candidates": num_candidates, "seeds": list(seeds),
+            "images_per_prompt": images_per_prompt, "eval_clip": eval_clip.name,
+            "num_reference_images": num_reference, "grid": grid_path.name, **methods}
+
+
+def _compare(clock: _Clock, out: pathlib.Path, prior_config, main: dict, previous: dict, eval_clip: clip_lib.CLIP,
+             reference_config, *, num_candidates: int, seeds: tuple[int, ...], images_per_prompt: int) -> dict:
+    """The --compare table: the main prior's two rows, then each COMPARE_PRIORS variant (trained here) re-ranked.
+    A variant whose weights and settings match the previous run's keeps its scores."""
+    table = {METHOD_LABELS[key].format(num_candidates=num_candidates): main[key] for key in METHOD_LABELS}
+    for key, label, cond, guidance_scale in COMPARE_PRIORS:
+        config = prior_config.copy_and_resolve_references()
+        config.cond.update(cond)
+        config.eval.guidance_scale = guidance_scale
+        _train(clock, f"compare_train_{key}", config, out / "compare" / key)
+        pipe = pipeline.Pipeline.load(out / "compare" / key)
+        settings = {**main["settings"], "prior_weights_hash": checkpointing.params_hash(pipe.prior_params),
+                    "guidance_scale": guidance_scale}
+        earlier = previous.get(label)
+        if earlier is not None and earlier.get("settings") == settings:
+            table[label] = clock.run(f"compare_evaluate_{key}", True, lambda: earlier)
+            continue
+        evaluate, _, _ = _heldout_evaluation(pipe, eval_clip, reference_config, seeds=seeds,
+                                             images_per_prompt=images_per_prompt,
+                                             feature_seeds=min(FEATURE_SEEDS, len(seeds)))
+        method = generation.pipeline_method(pipe, batch_size=SAMPLING_BATCH, guidance_scale=guidance_scale)
+        table[label] = clock.run(f"compare_evaluate_{key}", False,
+                                 lambda: evaluate({label: (method, num_candidates)})[label])
+        table[label]["settings"] = settings
+    return table
 
 
 def captioned_grid(images_PKHWC: np.ndarray, prompts: list[str]) -> np.ndarray:
@@ -246,15 +316,16 @@ def budget(seconds: dict[str, float]) -> list[dict]:
         minutes = sum(seconds.get(stage, 0.0) for stage in stages) / 60
         lines.append({"stage": label, "stages": list(stages), "limit_minutes": limit,
                       "measured_minutes": round(minutes, 2), "within": minutes <= limit})
-    total = sum(seconds.values()) / 60
-    lines.append({"stage": "total", "stages": sorted(seconds), "limit_minutes": BUDGET_TOTAL_MINUTES,
+    demo_stages = sorted(stage for stage in seconds if not stage.startswith("compare_"))
+    total = sum(seconds[stage] for stage in demo_stages) / 60
+    lines.append({"stage": "total", "stages": demo_stages, "limit_minutes": BUDGET_TOTAL_MINUTES,
                   "measured_minutes": round(total, 2), "within": total <= BUDGET_TOTAL_MINUTES})
+    if len(demo_stages) < len(seconds):
+        with_compare = sum(seconds.values()) / 60
+        lines.append({"stage": "total with --compare", "stages": sorted(seconds),
+                      "limit_minutes": COMPARE_BUDGET_MINUTES, "measured_minutes": round(with_compare, 2),
+                      "within": with_compare <= COMPARE_BUDGET_MINUTES})
     return lines
-
-
-def _mean_std(summary: dict, key: str) -> str:
-    mean, std = summary["mean"][key], summary["std"][key]
-    return f"{mean:.1%}" if std is None else f"{mean:.1%} ± {std:.1%}"
 
 
 def markdown(results: dict) -> str:
@@ -277,18 +348,21 @@ def markdown(results: dict) -> str:
         f"({clip['embed_dim']}-d embeddings, weights {clip['weights_hash'][:12]}). It conditions the prior and "
         "re-ranks its samples.", "",
         "## Stage 2: language-free prior, held-out canonical captions", "",
-        f"{prior['num_prompts']} prompts (the held-out combinations' canonical captions), the oracle scoring one image "
-        f"per prompt; prior trained {prior['train_steps']} steps. With re-ranking: the CLIP-best of "
-        f"{prior['num_candidates']} samples; without: a single sample. "
-        + (f"Mean ± sample standard deviation over {len(seeds)} sampling seeds ({', '.join(map(str, seeds))})."
-           if len(seeds) > 1 else f"One sampling seed ({seeds[0]}): no spread."), "",
-        "| method | all attributes | " + " | ".join(shapes.ATTRIBUTE_NAMES) + " |",
-        "|---" * (2 + len(shapes.ATTRIBUTE_NAMES)) + "|",
-        *(f"| {label} | " + " | ".join(_mean_std(prior[method], key) for key in ACCURACY_KEYS) + " |"
-          for label, method in ((f"CLIP re-ranking (best of {prior['num_candidates']})", "reranked"),
-                                ("no re-ranking", "single"))),
+        f"{prior['num_prompts']} prompts (the held-out combinations' canonical captions); prior trained "
+        f"{prior['train_steps']} steps. With re-ranking: the CLIP-best of {prior['num_candidates']} samples; without: "
+        f"a single sample. Oracle accuracies score one image per prompt for each sampling seed "
+        f"({', '.join(map(str, seeds))}); CLIP score and FD-CLIP (against the {prior['num_reference_images']} "
+        f"held-out images) score {prior['images_per_prompt']} images per prompt of seed {seeds[0]}, both from "
+        f"`{prior['eval_clip']}`, not the CLIP that conditions and re-ranks. "
+        + ("Mean ± sample standard deviation over the seeds." if len(seeds) > 1 else "One seed: no spread."), "",
+        generation.markdown_table({METHOD_LABELS[key].format(num_candidates=prior["num_candidates"]): prior[key]
+                                   for key in METHOD_LABELS}, prior["eval_clip"]),
         "", f"Samples: `{prior['grid']}` (the first seed; a row per prompt, the prompt under it, candidates in "
         "CLIP order, best first).",
+        *(["", "## Comparison (`--compare`)", "",
+           "The language-free prior's ablations and the text-supervised upper bound, each the same recipe with one "
+           f"conditioning switch changed, re-ranked (best of {prior['num_candidates']}) and scored as above.", "",
+           generation.markdown_table(results["compare"], prior["eval_clip"])] if "compare" in results else []),
         "", "## Time budget (2-core CPU in issue 7; minutes, compilation included)", "",
         "| stage | budget | measured | within |", "|---|---|---|---|",
         *(f"| {line['stage']} | {line['limit_minutes']} | {line['measured_minutes']:.2f} | "

@@ -196,6 +196,55 @@ def normalise(embeddings_ND: np.ndarray) -> np.ndarray:
     return embeddings_ND / np.maximum(np.linalg.norm(embeddings_ND, axis=-1, keepdims=True), 1e-12)
 
 
+def decode_and_score(vqgan: vqgan_lib.VQGAN, vqgan_params: Any, clip: clip_lib.CLIP, clip_params: Any,
+                     tokens_Bhw: jax.Array, query_BD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Code grids -> uint8 images and their CLIP cosine similarity to the query embeddings. CLIP sees the uint8
+    images, exactly what a saved PNG holds, through its own preprocessing. Every generation method scores this way,
+    so that their scores compare."""
+    images_u8 = _to_uint8(vqgan.apply({"params": vqgan_params}, tokens_Bhw, method=vqgan.decode))
+    features_BD = clip.image_features(clip_params, images_u8.astype(jnp.float32) / 127.5 - 1.0)
+    return images_u8, jnp.sum(features_BD * query_BD, axis=-1)
+
+
+def check_prompts(clip: clip_lib.CLIP, texts: Sequence[str]) -> list[str]:
+    """The prompts as a list; PromptError for an empty one or one longer than the CLIP's context."""
+    if isinstance(texts, str):
+        raise PromptError("texts must be a list of prompts, not one string")
+    texts = list(texts)
+    if not texts:
+        raise PromptError("no prompts given")
+    lengths = [len(ids) for ids in clip.tokenizer(
+        [t if isinstance(t, str) else "" for t in texts], truncation=False).input_ids]
+    for index, (text, length) in enumerate(zip(texts, lengths)):
+        if not isinstance(text, str) or not text.strip():
+            raise PromptError(f"prompt {index} is empty")
+        if length > clip.context_length:
+            raise PromptError(f"prompt {index} is too long: {length} CLIP tokens, at most "
+                              f"{clip.context_length} fit ({text[:60]!r}...)")
+    return texts
+
+
+def query_embeddings(clip: clip_lib.CLIP, texts: Sequence[str] | None, image_embeddings: np.ndarray | None
+                     ) -> np.ndarray:
+    """The L2-normalised CLIP embeddings [P, D] that condition and rank: of the prompts, or the given image
+    embeddings (variations); exactly one of the two."""
+    if (texts is None) == (image_embeddings is None):
+        raise ValueError("pass exactly one of texts and image_embeddings")
+    if texts is not None:
+        return clip.embed_texts(check_prompts(clip, texts))
+    queries_PD = normalise(image_embeddings)
+    if queries_PD.ndim != 2 or queries_PD.shape[1] != clip.embed_dim or not len(queries_PD):
+        raise ValueError(f"image_embeddings must be [P, {clip.embed_dim}], got {queries_PD.shape}")
+    return queries_PD
+
+
+def rerank(images_PNHWC: np.ndarray, scores_PN: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `keep` best-scoring candidates of each prompt, best first (ties keep candidate order)."""
+    order_PK = np.argsort(-scores_PN, axis=1, kind="stable")[:, :keep]
+    return (np.take_along_axis(images_PNHWC, order_PK[:, :, None, None, None], axis=1),
+            np.take_along_axis(scores_PN, order_PK, axis=1))
+
+
 @dataclasses.dataclass
 class Pipeline:
     """A prior with the VQGAN that decodes its tokens and the CLIP that conditions it and re-ranks its images."""
@@ -242,20 +291,7 @@ class Pipeline:
 
     def check_prompts(self, texts: Sequence[str]) -> list[str]:
         """The prompts as a list; PromptError for an empty one or one longer than the CLIP's context."""
-        if isinstance(texts, str):
-            raise PromptError("texts must be a list of prompts, not one string")
-        texts = list(texts)
-        if not texts:
-            raise PromptError("no prompts given")
-        lengths = [len(ids) for ids in self.clip.tokenizer(
-            [t if isinstance(t, str) else "" for t in texts], truncation=False).input_ids]
-        for index, (text, length) in enumerate(zip(texts, lengths)):
-            if not isinstance(text, str) or not text.strip():
-                raise PromptError(f"prompt {index} is empty")
-            if length > self.clip.context_length:
-                raise PromptError(f"prompt {index} is too long: {length} CLIP tokens, at most "
-                                  f"{self.clip.context_length} fit ({text[:60]!r}...)")
-        return texts
+        return check_prompts(self.clip, texts)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.clip.embed_texts(self.check_prompts(texts))
@@ -263,13 +299,8 @@ class Pipeline:
     # -- generation --------------------------------------------------------------------------------------------------
 
     def _decode_and_score_fn(self, vqgan_params, clip_params, tokens_BL, query_BD):
-        """Tokens -> uint8 images and their CLIP cosine similarity to the query embeddings. CLIP sees the uint8
-        images, exactly what a saved PNG holds, through its own preprocessing."""
-        images_BHWC = self.vqgan.apply({"params": vqgan_params}, tokens_BL.reshape((-1,) + self.grid_shape),
-                                       method=self.vqgan.decode)
-        images_u8 = _to_uint8(images_BHWC)
-        features_BD = self.clip.image_features(clip_params, images_u8.astype(jnp.float32) / 127.5 - 1.0)
-        return images_u8, jnp.sum(features_BD * query_BD, axis=-1)
+        return decode_and_score(self.vqgan, vqgan_params, self.clip, clip_params,
+                                tokens_BL.reshape((-1,) + self.grid_shape), query_BD)
 
     def generate(self, texts: Sequence[str] | None = None, image_embeddings: np.ndarray | None = None, *,
                  num_candidates: int = 16, keep: int = 1, temperature: float = 1.0, top_k: int | None = None,
@@ -280,17 +311,10 @@ class Pipeline:
 
         Returns (uint8 images [P, keep, H, W, 3], scores [P, keep] sorted descending). Deterministic for a seed,
         inputs and batch_size (the sampler draws `batch_size` images per call; the last call is padded)."""
-        if (texts is None) == (image_embeddings is None):
-            raise ValueError("pass exactly one of texts and image_embeddings")
-        if texts is not None:
-            queries_PD = self.embed_texts(texts)
-        else:
-            queries_PD = normalise(image_embeddings)
-            if queries_PD.ndim != 2 or queries_PD.shape[1] != self.prior.cond_dim or not len(queries_PD):
-                raise ValueError(f"image_embeddings must be [P, {self.prior.cond_dim}], got {queries_PD.shape}")
         return self.generate_from_embeddings(
-            queries_PD, num_candidates=num_candidates, keep=keep, temperature=temperature, top_k=top_k, top_p=top_p,
-            guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
+            query_embeddings(self.clip, texts, image_embeddings), num_candidates=num_candidates, keep=keep,
+            temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale, seed=seed,
+            batch_size=batch_size)
 
     def generate_from_embeddings(self, queries_PD: np.ndarray, *, num_candidates: int = 16, keep: int = 1,
                                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -321,25 +345,28 @@ class Pipeline:
             scores.append(np.asarray(scores_B, np.float32)[:valid])
         images_PNHWC = np.concatenate(images).reshape((num_prompts, num_candidates) + images[0].shape[1:])
         scores_PN = np.concatenate(scores).reshape(num_prompts, num_candidates)
-        order_PN = np.argsort(-scores_PN, axis=1, kind="stable")[:, :keep]
-        return (np.take_along_axis(images_PNHWC, order_PN[:, :, None, None, None], axis=1),
-                np.take_along_axis(scores_PN, order_PN, axis=1))
+        return rerank(images_PNHWC, scores_PN, keep)
 
 
-def _check_settings(num_candidates: int, keep: int, temperature: float, top_k: int | None, top_p: float | None,
-                    batch_size: int, vocab_size: int) -> None:
+def check_candidates(num_candidates: int, keep: int, batch_size: int) -> None:
+    """The settings every generation method shares: candidates per prompt, how many are kept, rows per call."""
     if num_candidates < 1:
         raise ValueError(f"num_candidates={num_candidates} must be at least 1")
     if not 1 <= keep <= num_candidates:
         raise ValueError(f"keep={keep} must be between 1 and num_candidates={num_candidates}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+
+
+def _check_settings(num_candidates: int, keep: int, temperature: float, top_k: int | None, top_p: float | None,
+                    batch_size: int, vocab_size: int) -> None:
+    check_candidates(num_candidates, keep, batch_size)
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 takes the most likely token)")
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise ValueError(f"top_k={top_k} must be between 1 and the vocabulary size {vocab_size}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from jax.experimental import multihost_utils
 from PIL import ImageOps
 from tensorflow_datasets.core import example_serializer, naming
 
-from clipgen_jax import checkpointing, parallel
+from clipgen_jax import checkpointing, locking, parallel
 from clipgen_jax.data import images, precomputed, shapes
 from clipgen_jax.models import clip as clip_lib
 
@@ -521,6 +521,16 @@ def precompute(config: ml_collections.ConfigDict, *, process_index: int | None =
     process_count = jax.process_count() if process_count is None else process_count
     check_config(config)
     directory = precomputed.dataset_dir(config.output.data_dir, config.output.name).absolute()
+    # Beside the dataset directory, not in it: a reader (or check_output) sees only the dataset's own files.
+    lock_file = locking.lock_path(directory.with_name(f".{directory.name}.lock"), process_index)
+    with locking.exclusive(lock_file, f"precompute output {directory}",
+                           "wait for that run to finish (or stop it), or set another output.name or output.data_dir"):
+        return _precompute(config, directory, process_index=process_index, process_count=process_count,
+                           on_shard_written=on_shard_written)
+
+
+def _precompute(config: ml_collections.ConfigDict, directory: pathlib.Path, *, process_index: int, process_count: int,
+                on_shard_written: Callable[[str, int], None] | None) -> pathlib.Path:
     compute_dtype = jnp.dtype(config.compute_dtype)
 
     vqgan_path = checkpointing.bundle_path(config.vqgan, "vqgan")

@@ -84,9 +84,11 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
             config.mesh.fsdp = 8
             config.optimizer.accumulation_steps = 2
     elif preset == "tiny":
-        config.data.update(data_dir=None, name="tiny")
-        config.vqgan = None
-        config.clip = None
+        # Placeholders (None until set) so that tools/train.py --config.data.data_dir=... etc. can set them.
+        config.data.data_dir = ml_collections.config_dict.placeholder(str)
+        config.data.name = "tiny"
+        config.vqgan = ml_collections.config_dict.placeholder(str)
+        config.clip = ml_collections.config_dict.placeholder(str)
         config.model.update(vocab_size=64, num_tokens=256, cond_dim=16, width=32, depth=1, num_heads=2)
         config.optimizer.update(warmup_steps=2)
         config.train.update(steps=4, batch_size=8, eval_batch_size=8, log_every=2, eval_every=4, checkpoint_every=4,

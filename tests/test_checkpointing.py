@@ -12,6 +12,7 @@ def _abstract(state):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
 
+@pytest.mark.faults
 def test_restores_the_newest_and_refuses_checkpoints_of_another_state(tmp_path):
     state = {"params": {"w": jnp.arange(3.0)}, "step": jnp.asarray(7, jnp.int32)}
     checkpointer = checkpointing.Checkpointer(tmp_path, async_save=False)

@@ -27,11 +27,14 @@ def _demo(out: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
 def _check_prior_scores(prior: dict) -> None:
     assert prior["num_prompts"] == 96 and prior["num_candidates"] == demo.QUICK_CANDIDATES
     assert prior["seeds"] == list(demo.QUICK_SEEDS) and prior["train_steps"] == demo.QUICK_PRIOR_STEPS
+    assert prior["eval_clip"] == demo.EVAL_CLIP and prior["num_reference_images"] == 96
+    assert prior["images_per_prompt"] == demo.QUICK_IMAGES_PER_PROMPT
     for method in ("reranked", "single"):
         assert len(prior[method]["per_seed"]) == len(demo.QUICK_SEEDS)
         for key in ("all",) + shapes.ATTRIBUTE_NAMES:
-            assert 0.0 <= prior[method]["mean"][key] <= 1.0
-            assert prior[method]["std"][key] is None  # one seed: no spread
+            assert 0.0 <= prior[method]["mean"][f"oracle_{key}"] <= 1.0
+            assert prior[method]["std"][f"oracle_{key}"] is None  # one seed: no spread
+        assert 0.0 <= prior[method]["mean"]["clip_score"] <= 100.0 and prior[method]["mean"]["fd_clip"] > 0.0
 
 
 def _check_layout(out: pathlib.Path) -> None:
@@ -63,8 +66,9 @@ def test_quick_demo_writes_results_and_reuses_finished_stages(tmp_path):
     assert budget["prior"]["measured_minutes"] == pytest.approx(results["seconds"]["train_prior"] / 60, abs=0.01)
     _check_layout(out)
     text = (out / "results.md").read_text()
-    for heading in ("| images | PSNR (dB)", "## CLIP", "| method | all attributes", "| CLIP re-ranking (best of 4)",
-                    "| no re-ranking", "| stage | budget | measured | within |", "| generation + evaluation | 6 |"):
+    for heading in ("| images | PSNR (dB)", "## CLIP", "| method | CLIP score (shapes-clip-eval) | FD-CLIP",
+                    "| CLIP-GEN, CLIP re-ranking (best of 4)", "| CLIP-GEN, no re-ranking",
+                    "| stage | budget | measured | within |", "| generation + evaluation | 6 |"):
         assert heading in text
 
     second = _demo(out, f"--clip={clip_dir}")
@@ -74,6 +78,19 @@ def test_quick_demo_writes_results_and_reuses_finished_stages(tmp_path):
     assert rerun["reused"] == ["build_shapes", "train_vqgan", "precompute", "train_prior", "generate_evaluate"]
     for name in rerun["reused"]:  # a reused stage keeps the time of the run that did it
         assert rerun["seconds"][name] == results["seconds"][name]
+
+    _demo(out, f"--clip={clip_dir}", "--compare")
+    compared = json.loads((out / "results.json").read_text())
+    labels = [label for _, label, _, _ in demo.COMPARE_PRIORS]
+    assert list(compared["compare"]) == ["CLIP-GEN, CLIP re-ranking (best of 4)", "CLIP-GEN, no re-ranking", *labels]
+    assert compared["compare"]["CLIP-GEN, no re-ranking"]["mean"] == results["prior"]["single"]["mean"]
+    for key, label, cond, _ in demo.COMPARE_PRIORS:
+        metadata = json.loads((out / "compare" / key / "export" / "metadata.json").read_text())
+        assert {k: metadata["cond"][k] for k in cond} == cond
+        assert 0.0 <= compared["compare"][label]["mean"]["oracle_all"] <= 1.0
+        assert compared["compare"][label]["num_candidates"] == demo.QUICK_CANDIDATES
+    assert compared["budget"][-1]["stage"] == "total with --compare"
+    assert "## Comparison (`--compare`)" in (out / "results.md").read_text()
 
 
 @pytest.mark.slow

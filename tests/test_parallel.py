@@ -52,3 +52,36 @@ def test_compute_dtype():
     assert parallel.compute_dtype("bfloat16") == jnp.bfloat16
     with pytest.raises(ValueError, match="compute dtype 'fp8'"):
         parallel.compute_dtype("fp8")
+
+
+def test_fsdp_min_size_sets_what_stays_replicated():
+    assert parallel._param_spec((64, 32), 4, min_size=1024) == P("fsdp", None)
+    assert parallel._param_spec((16, 32), 4, min_size=1024) == P()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES='two' is not an integer"),
+    ({"JAX_NUM_PROCESSES": "2"}, "set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither"),
+])
+def test_multihost_launch_variables_are_checked_before_initializing(monkeypatch, env, message):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        parallel.initialize_multihost()
+    assert not jax.distributed.is_initialized()
+
+
+def test_single_process_needs_no_initialization(monkeypatch):
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    parallel.initialize_multihost()
+    assert not jax.distributed.is_initialized()
+
+
+def test_to_host_gives_numpy_copies():
+    tree = {"a": jnp.arange(3.0), "b": [jnp.ones((2, 2), jnp.int32)]}
+    host = parallel.to_host(tree)
+    assert isinstance(host["a"], np.ndarray) and isinstance(host["b"][0], np.ndarray)
+    np.testing.assert_array_equal(host["a"], [0.0, 1.0, 2.0])

@@ -128,6 +128,7 @@ precompute.precompute(config, on_shard_written=kill_after_three)
 """
 
 
+@pytest.mark.faults
 def test_resume_after_a_kill_gives_the_uninterrupted_dataset(reference, models, shapes_data_dir, tmp_path):
     """The first shards come from a process killed with SIGKILL, the rest from a rerun (another process): the
     result equals the uninterrupted run byte for byte."""
@@ -154,6 +155,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_dataset(reference, models, 
     _assert_same_dataset(directory, expected)
 
 
+@pytest.mark.faults
 def test_an_exception_mid_run_also_resumes(reference, models, shapes_data_dir, tmp_path):
     _, expected = reference
     config = _config(models, shapes_data_dir, tmp_path)

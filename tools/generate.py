@@ -1,4 +1,5 @@
-"""Generates images with a trained prior: text prompts, a prompts file, or variations of images.
+"""Generates images with a trained prior (or the VQGAN+CLIP baseline): text prompts, a prompts file, or variations of
+images.
 
   python tools/generate.py --text "a small red circle in the top left on a black background" [--text ...]
   python tools/generate.py --prompts FILE        (one prompt per line; a final newline is fine, empty lines are not)
@@ -7,6 +8,10 @@
       [--vqgan DIR --clip NAME_OR_DIR (default: the prior's own, from its metadata)]
       [--num_candidates 16 --keep 1 --temperature 1 --top_k K --top_p P --guidance_scale 1 --seed 0]
       [--out generated]
+  python tools/generate.py --method vqgan_clip --vqgan DIR --clip NAME_OR_DIR (--text ... | --prompts ... | --image ...)
+      [--steps 40 --learning_rate 0.1 --cutouts 4 --num_candidates 4 --keep 1 --seed 0] [--out generated]
+      (no prior: each candidate optimises the VQGAN's latents towards the prompt's CLIP embedding;
+      clipgen_jax/vqgan_clip.py)
 
 For each prompt it draws num_candidates images, ranks them by CLIP similarity to the prompt (to the image for
 --image) and keeps the best `keep`, writing OUT/{prompt_index:04d}_{rank:02d}.png at the model's native resolution
@@ -21,10 +26,15 @@ from absl import app, flags
 from PIL import Image
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import pipeline
+from clipgen_jax import pipeline, vqgan_clip
 from clipgen_jax.training import writer
 
 DEFAULT_PRIOR = "runs/shapes/prior"  # where tools/demo.py leaves the Shapes prior (../shared/SHAPES.md)
+# Candidates per prompt when --num_candidates is not given: a VQGAN+CLIP candidate is a whole optimisation, so it
+# draws fewer.
+DEFAULT_CANDIDATES = {"prior": 16, "vqgan_clip": 4}
+
+_METHOD = flags.DEFINE_string("method", "prior", f"How images are made: one of {sorted(DEFAULT_CANDIDATES)}.")
 
 _TEXT = flags.DEFINE_multi_string("text", None, "A prompt; repeat for several.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "A UTF-8 file with one prompt per line.")
@@ -32,7 +42,8 @@ _IMAGE = flags.DEFINE_multi_string("image", None, "An image to make variations o
 _PRIOR = flags.DEFINE_string("prior", DEFAULT_PRIOR, "Prior training workdir or exported bundle.")
 _VQGAN = flags.DEFINE_string("vqgan", None, "VQGAN workdir or bundle (default: the prior's).")
 _CLIP = flags.DEFINE_string("clip", None, "CLIP Hub id, directory or packaged name (default: the prior's).")
-_NUM_CANDIDATES = flags.DEFINE_integer("num_candidates", 16, "Images drawn per prompt before re-ranking.")
+_NUM_CANDIDATES = flags.DEFINE_integer("num_candidates", None, "Images drawn per prompt before re-ranking "
+                                       f"(default {DEFAULT_CANDIDATES}).")
 _KEEP = flags.DEFINE_integer("keep", 1, "Best images kept per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens only.")
@@ -40,7 +51,15 @@ _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling: the smallest token
 _GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale (1 = none; needs a "
                                      "prior trained with cond.dropout > 0).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images sampled per device call.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images sampled (or optimised) per device call.")
+_STEPS = flags.DEFINE_integer("steps", vqgan_clip.Settings.steps, "vqgan_clip: optimisation steps per image.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", vqgan_clip.Settings.learning_rate,
+                                    "vqgan_clip: Adam learning rate on the latents.")
+_CUTOUTS = flags.DEFINE_integer("cutouts", vqgan_clip.Settings.cutouts,
+                                "vqgan_clip: augmented views CLIP scores per image and step.")
+# The flags that only one method reads: given with the other method, they are refused rather than ignored.
+METHOD_FLAGS = {"prior": (_PRIOR, _TEMPERATURE, _TOP_K, _TOP_P, _GUIDANCE_SCALE),
+                "vqgan_clip": (_STEPS, _LEARNING_RATE, _CUTOUTS)}
 _OUT = flags.DEFINE_string("out", "generated", "Output directory.")
 
 
@@ -54,12 +73,32 @@ def _read_image(path: str) -> np.ndarray:
     return rgb / 127.5 - 1.0
 
 
+def _method_settings(method: str) -> dict:
+    """The keyword arguments of the method's `generate` beyond the shared ones, checked before any model loads."""
+    if method not in METHOD_FLAGS:
+        raise ValueError(f"--method={method!r} is not one of {', '.join(METHOD_FLAGS)}")
+    for other, other_flags in METHOD_FLAGS.items():
+        for flag in other_flags:
+            if other != method and flag.present:
+                raise ValueError(f"--{flag.name} applies to --method {other} only, not {method}")
+    if method == "prior":
+        return dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                    guidance_scale=_GUIDANCE_SCALE.value)
+    if not (_VQGAN.value and _CLIP.value):
+        raise ValueError("--method vqgan_clip needs --vqgan DIR and --clip NAME_OR_DIR (there is no prior to take "
+                         "them from)")
+    return dict(settings=vqgan_clip.Settings(steps=_STEPS.value, learning_rate=_LEARNING_RATE.value,
+                                             cutouts=_CUTOUTS.value))
+
+
 def run() -> str:
     given = [name for name, flag in (("--text", _TEXT), ("--prompts", _PROMPTS), ("--image", _IMAGE))
              if flag.value]
     if len(given) != 1:
         raise pipeline.PromptError("give exactly one of --text, --prompts and --image"
                                    + (f" (got {' and '.join(given)})" if given else ""))
+    method = _METHOD.value
+    options = _method_settings(method)
     prompts = sources = None
     if _PROMPTS.value:
         prompts = pipeline.read_prompts_file(_PROMPTS.value)
@@ -71,15 +110,18 @@ def run() -> str:
     else:
         sources = list(_IMAGE.value)
         pixels = [_read_image(path) for path in sources]
-    pipe = pipeline.Pipeline.load(_PRIOR.value, vqgan=_VQGAN.value, clip=_CLIP.value)
-    settings = dict(num_candidates=_NUM_CANDIDATES.value, keep=_KEEP.value, temperature=_TEMPERATURE.value,
-                    top_k=_TOP_K.value, top_p=_TOP_P.value, guidance_scale=_GUIDANCE_SCALE.value, seed=_SEED.value,
-                    batch_size=_BATCH_SIZE.value)
-    if prompts is not None:
-        images, scores = pipe.generate(texts=prompts, **settings)
+    if method == "prior":
+        generator = pipeline.Pipeline.load(_PRIOR.value, vqgan=_VQGAN.value, clip=_CLIP.value)
     else:
-        embeddings = np.concatenate([pipe.clip.embed_images(image[None]) for image in pixels])
-        images, scores = pipe.generate(image_embeddings=embeddings, **settings)
+        generator = vqgan_clip.VQGANCLIP.load(_VQGAN.value, _CLIP.value)
+    num_candidates = DEFAULT_CANDIDATES[method] if _NUM_CANDIDATES.value is None else _NUM_CANDIDATES.value
+    settings = dict(num_candidates=num_candidates, keep=_KEEP.value, seed=_SEED.value, batch_size=_BATCH_SIZE.value,
+                    **options)
+    if prompts is not None:
+        images, scores = generator.generate(texts=prompts, **settings)
+    else:
+        embeddings = np.concatenate([generator.clip.embed_images(image[None]) for image in pixels])
+        images, scores = generator.generate(image_embeddings=embeddings, **settings)
     out = pipeline.save_samples(_OUT.value, images, scores, seed=_SEED.value, prompts=prompts, sources=sources)
     return f"wrote {images.shape[0] * images.shape[1]} images ({images.shape[2]} px) to {out}"
 

@@ -6,13 +6,11 @@ Running the same command again resumes an interrupted run (only missing shards a
 dataset alone. On several hosts, run it on every host (each writes its own shards; process 0 writes the metadata).
 """
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import parallel, precompute
+from clipgen_jax import cli, locking, parallel, precompute
 from clipgen_jax.data import precomputed
 from clipgen_jax.training import writer
 
@@ -29,9 +27,10 @@ def main(argv):
     config = _CONFIG.value
     try:
         directory = precompute.precompute(config)
-    except (precompute.PrecomputeError, FileNotFoundError) as error:  # bad input: the message says what to do
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except (precompute.PrecomputeError, locking.LockedError, FileNotFoundError) as error:  # says what to do
+        cli.fail(str(error))
+    except OSError as error:  # a full disk, an unwritable path
+        cli.fail(f"{error}; fix that, then run the same command again (it computes only the missing shards)")
     if (directory / precomputed.INFO_FILE).is_file():
         metadata = precomputed.load_metadata(config.output.data_dir, config.output.name)
         print(f"{directory}: examples {metadata['num_examples']}, unreadable images skipped "
@@ -39,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -9,7 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import checkpointing, parallel, training
+from clipgen_jax import checkpointing, cli, locking, parallel, training
 from clipgen_jax.training import loop, writer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqgan.py:shapes.",
@@ -17,6 +17,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and provenance.")
 _MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() (default: detect from env).")
 flags.mark_flags_as_required(["config", "workdir"])
+# An empty --workdir= would otherwise train into the current directory.
+flags.register_validator("workdir", lambda value: value is None or bool(value.strip()),
+                         message="--workdir is empty; name the run's directory, e.g. --workdir=runs/vqgan")
 
 # Exit status of a run stopped by SIGTERM after saving (128 + 15), so schedulers see it as not finished.
 PREEMPTED_EXIT_CODE = 143
@@ -32,10 +35,13 @@ def main(argv):
     except loop.Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except (loop.NonFiniteError, checkpointing.UnrestorableCheckpointsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (loop.NonFiniteError, checkpointing.UnrestorableCheckpointsError, locking.LockedError) as e:
+        cli.fail(str(e))
+    except ValueError as e:  # a config value the stage, data or loop refuses; the message names it
+        cli.fail(str(e))
+    except OSError as e:  # a full disk, an unwritable or missing path: nothing to debug in the code
+        cli.fail(f"{e}; fix that, then run the same command again (it resumes from the last complete checkpoint)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -132,7 +132,8 @@ def markdown_table(results: dict[str, dict], clip_name: str) -> str:
         mean, std = summary["mean"][key], summary["std"][key]
         if key.startswith("oracle_"):
             return f"{mean:.1%}" if std is None else f"{mean:.1%} ± {std:.1%}"
-        return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+        digits = 4 if key == "fd_clip" else 2  # FD of unit-norm features is small: 0.01-1
+        return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
     lines = ["| method | " + " | ".join(labels[key] for key in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {method} | " + " | ".join(cell(summary, key) for key in keys) + " |"

@@ -209,7 +209,7 @@ def _batched(fn, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
             chunk = [np.concatenate([c, np.repeat(c[-1:], batch_size - valid, axis=0)]) for c in chunk]
         if mesh is not None:
             chunk = [jax.device_put(c, parallel.batch_sharding(mesh)) for c in chunk]
-        outputs.append(np.asarray(fn(*chunk))[:valid])
+        outputs.append(parallel.to_host(fn(*chunk))[:valid])  # gathers rows from every process's devices
     if not outputs:
         return np.zeros((0, 0), np.float32)
     return np.concatenate(outputs)

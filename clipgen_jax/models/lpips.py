@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -225,8 +226,14 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
     path = Path(path).expanduser() if path is not None else default_weights_path()
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS weights not found at {path}; create them with `{FETCH_COMMAND} --out {path}`")
-    with np.load(path, allow_pickle=False) as npz:
-        flat = {tuple(key.split("/")): npz[key] for key in npz.files}
+    try:
+        with np.load(path, allow_pickle=False) as npz:  # TypeError: a bare .npy, which is no context manager
+            flat = {tuple(key.split("/")): npz[key] for key in npz.files}
+    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as e:
+        pickled = isinstance(e, ValueError) and ("pickle" in str(e) or "Object arrays" in str(e))
+        reason = "it holds pickled objects, which are never loaded" if pickled else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path} is not a plain LPIPS weights .npz ({reason}); create the right file with "
+                         f"`{FETCH_COMMAND} --out {path}`") from None
     params = traverse_util.unflatten_dict(flat)
     _check_params(params, str(path))
     return jax.tree.map(jnp.asarray, params)

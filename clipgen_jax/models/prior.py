@@ -75,6 +75,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, layer, start, deterministic: bool):
         x_BSW, cache = carry
+        # Split over the batch when the caller sets logical axis rules (clipgen_jax.parallel.activation_sharding),
+        # as the training step does; otherwise a no-op.
+        x_BSW = nn.with_logical_constraint(x_BSW, ("batch", "length", "embed"))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         head_dim = self.width // self.num_heads
         residual_init = _dense_init(INIT_STDDEV / math.sqrt(2 * self.depth))
@@ -184,7 +187,7 @@ class Prior(nn.Module):
         return self.final_norm(x_BSW), cache
 
     def _logits(self, h):
-        return self.head(h).astype(jnp.float32)
+        return nn.with_logical_constraint(self.head(h).astype(jnp.float32), ("batch", "length", "vocab"))
 
     def __call__(self, cond_BD, tokens_BL, *, use_null_B=None, deterministic=True):
         """float32 logits [B, L, vocab]: logits[:, i] predict tokens_BL[:, i] from the prefix and tokens[:, :i]."""

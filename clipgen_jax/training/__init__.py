@@ -13,12 +13,26 @@ TRAINERS = {
 }
 
 
+# In the workdir: held by the process training it (see clipgen_jax.locking).
+LOCK_FILE = ".lock"
+
+
 def train(config: ml_collections.ConfigDict, workdir: str):
-    """Runs the trainer that `config.stage` names."""
+    """Runs the trainer that `config.stage` names, holding the workdir's lock for the whole run (export included);
+    raises `locking.LockedError` when another process is training in `workdir`."""
+    import pathlib
+
+    import jax
+
+    from clipgen_jax import locking
+
     stage = config.get("stage")
     if stage not in TRAINERS:
         raise ValueError(f"config.stage={stage!r} is not a known stage; use one of {sorted(TRAINERS)}")
-    return importlib.import_module(TRAINERS[stage]).train(config, workdir)
+    lock_file = locking.lock_path(pathlib.Path(workdir) / LOCK_FILE, jax.process_index())
+    with locking.exclusive(lock_file, f"training workdir {workdir}",
+                           "wait for that run to finish (or stop it), or choose another --workdir"):
+        return importlib.import_module(TRAINERS[stage]).train(config, workdir)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

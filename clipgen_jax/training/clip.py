@@ -176,9 +176,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
     start = time.perf_counter()
     state = loop.run(config, workdir, stage)
     train_seconds = time.perf_counter() - start
+    params = parallel.to_host(state.params)  # every process: a collective under FSDP
     if jax.process_index() == 0:
         export_dir = pathlib.Path(workdir) / "export"
-        stage.clip.params = jax.device_get(state.params)
+        stage.clip.params = params
         metadata = {"trained_by": "clipgen_jax tools/train.py", "stage": "clip", "steps": int(state.step),
                     # Wall time of the invocation that finished the run (compilation included; a resumed run
                     # counts only its last part).

@@ -77,13 +77,17 @@ def default_train_config() -> ml_collections.ConfigDict:
         max_to_keep=3,
         async_checkpoint=True,
         compute_dtype="auto",  # bfloat16 on GPU/TPU, float32 on CPU
+        # False reads the training records in order: runs on different process counts then see the same records
+        # in each global batch (in another row order), as the multi-host test needs.
+        shuffle=True,
         train_split="train",
         eval_split="validation",
     ))
 
 
 def default_mesh_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(fsdp=1))
+    # fsdp_min_size: parameters (and their optimizer moments) smaller than this stay replicated under FSDP.
+    return ml_collections.ConfigDict(dict(fsdp=1, fsdp_min_size=parallel.FSDP_MIN_PARAM_SIZE))
 
 
 class _SigtermFlag:
@@ -118,6 +122,16 @@ def _accumulating_step(stage: Stage):
         return new_state, metric_sums, first_bad_step
 
     return step
+
+
+def jit_train_step(stage: Stage, state_shardings, mesh) -> Any:
+    """The step the loop runs: the stage's train_step with metric sums and the first non-finite step (see
+    `_accumulating_step`), the state sharded as `state_shardings`, the batch split over every device, and the state
+    and metric sums donated (updated in place). Called as step(state, batch, metric_sums, first_bad_step)."""
+    replicated = parallel.replicated(mesh)
+    return jax.jit(parallel.traced_with_activation_sharding(_accumulating_step(stage), mesh),
+                   in_shardings=(state_shardings, parallel.batch_sharding(mesh), replicated, replicated),
+                   out_shardings=(state_shardings, replicated, replicated), donate_argnums=(0, 2))
 
 
 def _zero_metrics(stage: Stage, state, batch) -> dict[str, np.ndarray]:
@@ -158,10 +172,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: S
 
     train_iter = _batch_iterator_factory(stage)(
         config.data, split=train_cfg.train_split,
-        batch_size=parallel.global_batch_to_process_batch(train_cfg.batch_size), seed=config.seed)
+        batch_size=parallel.global_batch_to_process_batch(train_cfg.batch_size), seed=config.seed,
+        shuffle=train_cfg.shuffle)
     rng = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(stage.init_state, rng)
-    state_shardings = parallel.state_shardings(abstract_state, mesh)
+    state_shardings = parallel.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
     checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=train_cfg.max_to_keep,
                                               save_interval_steps=1, async_save=train_cfg.async_checkpoint)
     restored = checkpointer.restore_latest(checkpointing.abstract_with_shardings(abstract_state, state_shardings))
@@ -178,10 +193,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: S
         logger.info("resumed from %s at step %d", checkpointer.directory, step)
 
     replicated = parallel.replicated(mesh)
-    train_step = jax.jit(_accumulating_step(stage),
-                         in_shardings=(state_shardings, parallel.batch_sharding(mesh), replicated, replicated),
-                         out_shardings=(state_shardings, replicated, replicated), donate_argnums=(0, 2))
-    eval_step = jax.jit(stage.eval_step, out_shardings=replicated)
+    train_step = jit_train_step(stage, state_shardings, mesh)
+    eval_step = jax.jit(parallel.traced_with_activation_sharding(stage.eval_step, mesh), out_shardings=replicated)
     eval_batch = _fixed_eval_batch(config, mesh, stage) if train_cfg.eval_every else None
     first_bad_step = jax.device_put(jnp.asarray(-1, jnp.int32), replicated)
     zero_metrics = metric_sums = None  # shaped like the stage's metrics, known once the first batch is read

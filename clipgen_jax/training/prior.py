@@ -94,6 +94,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if accumulation < 1 or config.train.batch_size % accumulation:
         raise ValueError(f"optimizer.accumulation_steps={accumulation} must be a positive divisor of "
                          f"train.batch_size={config.train.batch_size}")
+
+
+def check_frozen_models_named(config: ml_collections.ConfigDict) -> None:
     for name in ("vqgan", "clip"):
         if not config[name]:
             raise ValueError(f"config.{name} is required: the {name.upper()} the precomputed dataset was made with")
@@ -111,74 +114,28 @@ def check_model_fits(model_config: ml_collections.ConfigDict, dataset_metadata: 
                              f"{expected['cond_dim']}-d): set --config.model.{field}={value}")
 
 
-class PriorStage:
+class PriorSteps:
+    """The prior's pure training functions (fresh state, loss, accumulated gradients, step) from its config alone.
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None):
+    Nothing is read from disk, so a preset's step can be compiled ahead of time on abstract inputs for any mesh
+    (tests/training/test_fsdp_compile.py does so for gpt2_large). The reconstruction loss needs the frozen VQGAN and
+    CLIP: PriorStage, the stage that trains, adds them, the dataset and evaluation."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
         check_config(config)
         self.config = config
-        self.workdir = None if workdir is None else pathlib.Path(workdir)
-        dtype = parallel.compute_dtype(config.train.compute_dtype)
-        data = config.data
-        dataset = f"the precomputed dataset {precomputed.dataset_dir(data.data_dir, data.name)}"
-        self.dataset_metadata = precomputed.load_metadata(data.data_dir, data.name)
-        self.vqgan_path = checkpointing.bundle_path(config.vqgan, "vqgan")
-        self.vqgan, self.vqgan_params, vqgan_metadata = checkpointing.load_vqgan(self.vqgan_path, dtype)
-        self.clip = clip_lib.load(config.clip, dtype=dtype)
-        self.identities = {"vqgan": precomputed.vqgan_identity(self.vqgan_path, self.vqgan_params,
-                                                               vqgan_metadata["model"]),
-                           "clip": precomputed.clip_identity(self.clip)}
-        precomputed.check_identity(self.dataset_metadata, **self.identities, dataset=dataset)
-        check_model_fits(config.model, self.dataset_metadata, dataset)
-        self.cond_key = COND_SOURCES[config.cond.source]
-        if self.cond_key == precomputed.TEXT_EMBEDDING and self.dataset_metadata.get("caption_key") is None:
-            raise ValueError(f"cond.source='text' needs caption embeddings, but {dataset} has no captions; use "
-                             "cond.source='image' or precompute a captioned source")
-        self.model = prior_lib.from_config(config.model, dtype)
-        self.grid_shape = tuple(self.dataset_metadata["grid_shape"])
+        self.model = prior_lib.from_config(config.model, parallel.compute_dtype(config.train.compute_dtype))
         self.optimizer, self.schedule = make_optimizer(config.optimizer, config.train.steps)
+        self.cond_key = COND_SOURCES[config.cond.source]
 
-        # Evaluation prompts: on Shapes the held-out canonical captions (the oracle scores them), else eval.prompts.
-        self.is_shapes = (self.dataset_metadata["source"]["source"] == "shapes"
-                          and bool(self.dataset_metadata.get("labels")))
-        if self.is_shapes:
-            self.eval_attributes = shapes.heldout_combinations()[:config.eval.heldout_prompts]
-            self.eval_prompts = [shapes.canonical_caption(attrs) for attrs in self.eval_attributes]
-        else:
-            self.eval_attributes, self.eval_prompts = None, list(config.eval.prompts)
-        self._eval_pipeline = None  # built at the first evaluation (it embeds the prompts once)
-        self._eval_queries_PD = None
-        self.last_host_eval: tuple[int, dict[str, float]] | None = None
-
-    # -- what the loop calls ---------------------------------------------------------------------------------------
-
-    def make_batch_iterator(self, data_config: ml_collections.ConfigDict, **kwargs
-                            ) -> precomputed.PrecomputedBatchIterator:
-        return precomputed.make_batch_iterator(data_config.data_dir, data_config.name,
-                                               keys=(precomputed.TOKENS, self.cond_key),
-                                               worker_count=data_config.worker_count, **kwargs)
+    def reconstruction_loss(self, logits_BLV: jax.Array, target_BD: jax.Array, weight_B: jax.Array) -> jax.Array:
+        raise ValueError("cond.reconstruction_weight > 0 decodes through the frozen VQGAN and CLIP: use PriorStage")
 
     def init_state(self, rng: jax.Array) -> loop.TrainState:
         init_rng, state_rng = jax.random.split(rng)
         params = prior_lib.init_params(self.model, init_rng)
         return loop.TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=self.optimizer.init(params),
                                rng=state_rng)
-
-    def reconstruction_loss(self, logits_BLV: jax.Array, target_BD: jax.Array, weight_B: jax.Array) -> jax.Array:
-        """Weighted mean over rows of 1 - cos(CLIP(VQGAN decode(straight-through argmax codes)), target).
-
-        The forward pass decodes exactly the argmax tokens; the gradient is the softmax's (straight-through), which
-        reaches the logits through the frozen decoder and CLIP."""
-        probs_BLV = jax.nn.softmax(logits_BLV.astype(jnp.float32), axis=-1)
-        hard_BLV = jax.nn.one_hot(jnp.argmax(logits_BLV, axis=-1), logits_BLV.shape[-1], dtype=jnp.float32)
-        one_hot_BLV = hard_BLV + probs_BLV - jax.lax.stop_gradient(probs_BLV)
-        # The frozen models' params enter the jitted step as constants: cheap at Shapes scale; the paper's models
-        # would compile slower (the loop's step takes only (state, batch)).
-        codebook_KD = self.vqgan.apply({"params": self.vqgan_params}, method=self.vqgan.codebook)
-        codes_BhwD = (one_hot_BLV @ codebook_KD).reshape((logits_BLV.shape[0],) + self.grid_shape + (-1,))
-        images_BHWC = self.vqgan.apply({"params": self.vqgan_params}, codes_BhwD, method=self.vqgan.decode_codes)
-        features_BD = self.clip.image_features(self.clip.params, images_BHWC, round_to_uint8=False)
-        distance_B = 1.0 - jnp.sum(features_BD * target_BD, axis=-1)
-        return jnp.sum(distance_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1.0)
 
     def _loss(self, params, batch: dict, rng: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
         cfg = self.config.cond
@@ -236,17 +193,84 @@ class PriorStage:
         loss, terms = self._loss(state.params, batch, state.rng, train=False)
         return {"loss": loss, **terms}, {}
 
+
+class PriorStage(PriorSteps):
+    """The training stage: PriorSteps on a precomputed dataset, checked against the frozen VQGAN and CLIP it was made
+    with, which also serve the reconstruction loss and the evaluation by sampling."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None):
+        super().__init__(config)
+        check_frozen_models_named(config)
+        self.workdir = None if workdir is None else pathlib.Path(workdir)
+        dtype = parallel.compute_dtype(config.train.compute_dtype)
+        data = config.data
+        dataset = f"the precomputed dataset {precomputed.dataset_dir(data.data_dir, data.name)}"
+        self.dataset_metadata = precomputed.load_metadata(data.data_dir, data.name)
+        self.vqgan_path = checkpointing.bundle_path(config.vqgan, "vqgan")
+        self.vqgan, self.vqgan_params, vqgan_metadata = checkpointing.load_vqgan(self.vqgan_path, dtype)
+        self.clip = clip_lib.load(config.clip, dtype=dtype)
+        self.identities = {"vqgan": precomputed.vqgan_identity(self.vqgan_path, self.vqgan_params,
+                                                               vqgan_metadata["model"]),
+                           "clip": precomputed.clip_identity(self.clip)}
+        precomputed.check_identity(self.dataset_metadata, **self.identities, dataset=dataset)
+        check_model_fits(config.model, self.dataset_metadata, dataset)
+        if self.cond_key == precomputed.TEXT_EMBEDDING and self.dataset_metadata.get("caption_key") is None:
+            raise ValueError(f"cond.source='text' needs caption embeddings, but {dataset} has no captions; use "
+                             "cond.source='image' or precompute a captioned source")
+        self.grid_shape = tuple(self.dataset_metadata["grid_shape"])
+
+        # Evaluation prompts: on Shapes the held-out canonical captions (the oracle scores them), else eval.prompts.
+        self.is_shapes = (self.dataset_metadata["source"]["source"] == "shapes"
+                          and bool(self.dataset_metadata.get("labels")))
+        if self.is_shapes:
+            self.eval_attributes = shapes.heldout_combinations()[:config.eval.heldout_prompts]
+            self.eval_prompts = [shapes.canonical_caption(attrs) for attrs in self.eval_attributes]
+        else:
+            self.eval_attributes, self.eval_prompts = None, list(config.eval.prompts)
+        self._eval_pipeline = None  # built at the first evaluation (it embeds the prompts once)
+        self._eval_queries_PD = None
+        self.last_host_eval: tuple[int, dict[str, float]] | None = None
+
+    # -- what the loop calls ---------------------------------------------------------------------------------------
+
+    def make_batch_iterator(self, data_config: ml_collections.ConfigDict, **kwargs
+                            ) -> precomputed.PrecomputedBatchIterator:
+        return precomputed.make_batch_iterator(data_config.data_dir, data_config.name,
+                                               keys=(precomputed.TOKENS, self.cond_key),
+                                               worker_count=data_config.worker_count, **kwargs)
+
+    def reconstruction_loss(self, logits_BLV: jax.Array, target_BD: jax.Array, weight_B: jax.Array) -> jax.Array:
+        """Weighted mean over rows of 1 - cos(CLIP(VQGAN decode(straight-through argmax codes)), target).
+
+        The forward pass decodes exactly the argmax tokens; the gradient is the softmax's (straight-through), which
+        reaches the logits through the frozen decoder and CLIP."""
+        probs_BLV = jax.nn.softmax(logits_BLV.astype(jnp.float32), axis=-1)
+        hard_BLV = jax.nn.one_hot(jnp.argmax(logits_BLV, axis=-1), logits_BLV.shape[-1], dtype=jnp.float32)
+        one_hot_BLV = hard_BLV + probs_BLV - jax.lax.stop_gradient(probs_BLV)
+        # The frozen models' params enter the jitted step as constants: cheap at Shapes scale; the paper's models
+        # would compile slower (the loop's step takes only (state, batch)).
+        codebook_KD = self.vqgan.apply({"params": self.vqgan_params}, method=self.vqgan.codebook)
+        codes_BhwD = (one_hot_BLV @ codebook_KD).reshape((logits_BLV.shape[0],) + self.grid_shape + (-1,))
+        images_BHWC = self.vqgan.apply({"params": self.vqgan_params}, codes_BhwD, method=self.vqgan.decode_codes)
+        features_BD = self.clip.image_features(self.clip.params, images_BHWC, round_to_uint8=False)
+        distance_B = 1.0 - jnp.sum(features_BD * target_BD, axis=-1)
+        return jnp.sum(distance_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1.0)
+
     def host_eval(self, state: loop.TrainState) -> dict[str, float]:
         """Samples the evaluation prompts (their text embeddings; 1 sample each, no re-ranking, a fixed seed) into a
         grid PNG in workdir/images; on Shapes returns the oracle's per-attribute and all-attribute accuracies."""
         if not self.eval_prompts:
             return {}
+        # Host copies: sampling then runs where the frozen VQGAN's params live (one device of this process), not on
+        # the training mesh, whose devices a jitted call cannot mix with those (nor, under FSDP or several
+        # processes, read back whole). Every process samples the same images.
+        prior_params = parallel.to_host(state.params)
         if self._eval_pipeline is None:
             self._eval_pipeline = pipeline.Pipeline(
-                prior=self.model, prior_params=state.params, vqgan=self.vqgan, vqgan_params=self.vqgan_params,
+                prior=self.model, prior_params=prior_params, vqgan=self.vqgan, vqgan_params=self.vqgan_params,
                 clip=self.clip, metadata={"cond": self.config.cond.to_dict()})
             self._eval_queries_PD = self._eval_pipeline.embed_texts(self.eval_prompts)
-        self._eval_pipeline.prior_params = state.params
+        self._eval_pipeline.prior_params = prior_params
         e = self.config.eval
         images_PKHWC, _ = self._eval_pipeline.generate_from_embeddings(
             self._eval_queries_PD, num_candidates=1, keep=1, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
@@ -271,6 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
     start = time.perf_counter()
     state = loop.run(config, workdir, stage)
     train_seconds = time.perf_counter() - start
+    params = parallel.to_host(state.params)  # every process: a collective under FSDP
     if jax.process_index() == 0:
         export_dir = pathlib.Path(workdir) / checkpointing.EXPORT_DIR
         metadata = pipeline.prior_metadata(config.to_dict(), vqgan_path=stage.vqgan_path, step=int(state.step),
@@ -279,6 +304,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
         metadata["train_seconds_last_invocation"] = round(train_seconds, 1)
         if stage.last_host_eval is not None and stage.last_host_eval[0] == int(state.step):
             metadata["eval"] = stage.last_host_eval[1]
-        checkpointing.save_bundle(export_dir, jax.device_get(state.params), metadata, overwrite=True)
+        checkpointing.save_bundle(export_dir, params, metadata, overwrite=True)
         logger.info("exported the prior to %s (load it with clipgen_jax.pipeline.Pipeline.load)", export_dir)
     return state

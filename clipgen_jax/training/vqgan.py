@@ -245,9 +245,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> VQGANState:
     """Trains, then exports the inference weights (EMA when kept) as a bundle in `workdir/export`."""
     stage = VQGANStage(config)
     state = loop.run(config, workdir, stage)
+    params = parallel.to_host(stage.inference_params(state))  # every process: a collective under FSDP
     if jax.process_index() == 0:
         metadata = {"kind": "vqgan", "model": config.model.to_dict(), "step": int(state.step),
                     "data": config.data.to_dict()}
-        checkpointing.save_bundle(pathlib.Path(workdir) / checkpointing.EXPORT_DIR,
-                                  jax.device_get(stage.inference_params(state)), metadata, overwrite=True)
+        checkpointing.save_bundle(pathlib.Path(workdir) / checkpointing.EXPORT_DIR, params, metadata,
+                                  overwrite=True)
     return state

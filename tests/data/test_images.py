@@ -274,6 +274,7 @@ def folder_with_corrupt_files(tmp_path) -> tuple[pathlib.Path, set[str]]:
     return tmp_path, set(corrupt)
 
 
+@pytest.mark.faults
 def test_corrupt_files_are_skipped_counted_and_named(folder_with_corrupt_files, caplog):
     folder, corrupt_names = folder_with_corrupt_files
     config = folder_config(folder, image_size=8, max_image_pixels=1000)
@@ -297,6 +298,7 @@ def test_skip_warnings_are_rate_limited(tmp_path, caplog):
     assert iterator.num_skipped == 30 and len(caplog.records) == 10
 
 
+@pytest.mark.faults
 def test_a_source_of_only_unreadable_files_raises_instead_of_spinning(tmp_path):
     for index in range(3):
         (tmp_path / f"broken{index}.jpg").write_bytes(b"")
@@ -305,6 +307,7 @@ def test_a_source_of_only_unreadable_files_raises_instead_of_spinning(tmp_path):
         next(iterator)
 
 
+@pytest.mark.faults
 def test_resume_from_state_is_bitwise_identical_across_skipped_files(folder_with_corrupt_files):
     folder, _ = folder_with_corrupt_files
     config = folder_config(folder, image_size=8, crop="random", flip=True, max_image_pixels=1000)

@@ -122,7 +122,7 @@ def test_markdown_table_has_a_row_per_method_with_mean_and_spread():
     table = generation.markdown_table({"a": summary, "b": summary}, "eval-clip")
     lines = table.splitlines()
     assert lines[0] == "| method | CLIP score (eval-clip) | FD-CLIP (eval-clip) | all attributes |"
-    assert lines[2] == "| a | 30.00 ± 1.00 | 0.50 | 25.0% ± 5.0% |" and len(lines) == 4
+    assert lines[2] == "| a | 30.00 ± 1.00 | 0.5000 | 25.0% ± 5.0% |" and len(lines) == 4
 
 
 def test_seeds_past_feature_seeds_draw_one_image_per_prompt_for_the_oracle_alone():

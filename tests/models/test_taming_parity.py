@@ -176,6 +176,7 @@ def test_mis_shaped_and_unexpected_keys_are_reported(taming):
         taming_import.params_from_state_dict(state_dict, model_config)
 
 
+@pytest.mark.faults
 def test_restricted_reader_refuses_code(tmp_path, malicious_pickle):
     marker = tmp_path / "pwned"
     path = tmp_path / "malicious.ckpt"

@@ -77,6 +77,7 @@ class SigtermOnBatch:
         return getattr(self.inner, name)
 
 
+@pytest.mark.faults
 def test_sigterm_saves_and_resume_is_bitwise_identical(shapes_data_dir, tmp_path, monkeypatch):
     uninterrupted = training.train(tiny_config(shapes_data_dir), tmp_path / "a")
 
@@ -105,6 +106,7 @@ class NaNAfterSevenSteps(autoencoder.AutoencoderStage):
         return state, metrics
 
 
+@pytest.mark.faults
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes_data_dir, tmp_path):
     config = tiny_config(shapes_data_dir, log_every=10)
     with pytest.raises(loop.NonFiniteError, match=r"at step 8: .*last good checkpoint \(step 5\)"):

@@ -9,26 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_pipeline import save_vqgan, tiny_models, tiny_prior_config
+from test_pipeline import save_vqgan, tiny_prior_config
 
-from clipgen_jax import checkpointing, pipeline, precompute, training
+from clipgen_jax import checkpointing, pipeline, training
 from clipgen_jax.data import precomputed
 from clipgen_jax.models import prior as prior_lib
 from clipgen_jax.training import prior as prior_training
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, shapes_data_dir):
-    """The tiny Shapes build (validation 128, heldout 96) precomputed with a tiny VQGAN and CLIP:
-    (vqgan path, clip path, data_dir)."""
-    root = tmp_path_factory.mktemp("prior_stage")
-    vqgan_path, clip_path = tiny_models(root)
-    config = training.load_config("configs/precompute.py:tiny")
-    config.vqgan, config.clip = str(vqgan_path), str(clip_path)
-    config.data.data_dir = str(shapes_data_dir)
-    config.output.data_dir = str(root / "precomputed")
-    precompute.precompute(config)
-    return vqgan_path, clip_path, root / "precomputed"
+@pytest.fixture
+def dataset(prior_dataset):
+    """conftest.prior_dataset: (vqgan path, clip path, data_dir)."""
+    return prior_dataset
 
 
 def _config(dataset, **cond):

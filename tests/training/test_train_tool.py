@@ -32,19 +32,27 @@ def run_train(workdir, data_dir, env=None, **overrides):
     return result
 
 
-def final_params(workdir, steps):
-    config = training.load_config("configs/autoencoder.py:tiny")
-    stage = autoencoder.AutoencoderStage(config)
+def checkpointed_state(workdir, step, stage):
+    """`stage`'s train state saved in `workdir` at `step`."""
     abstract = jax.eval_shape(stage.init_state, jax.random.PRNGKey(0))
     # Restored onto this process's single device, whatever topology wrote the checkpoint.
     abstract = checkpointing.abstract_with_shardings(abstract, parallel.state_shardings(abstract, parallel.make_mesh()))
-    state, _ = checkpointing.Checkpointer(workdir / "checkpoints").restore(steps, abstract)
-    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    checkpointer = checkpointing.Checkpointer(workdir / "checkpoints")
+    try:
+        return checkpointer.restore(step, abstract)[0]
+    finally:
+        checkpointer.close()
+
+
+def final_params(workdir, steps):
+    stage = autoencoder.AutoencoderStage(training.load_config("configs/autoencoder.py:tiny"))
+    return [np.asarray(x) for x in jax.tree.leaves(checkpointed_state(workdir, steps, stage).params)]
 
 
 LONG_RUN = dict(steps=300, checkpoint_every=20, log_every=10, eval_every=0)
 
 
+@pytest.mark.faults
 def test_sigkill_mid_run_then_resume_gives_bitwise_identical_parameters(shapes_data_dir, tmp_path):
     run_train(tmp_path / "uninterrupted", shapes_data_dir, **LONG_RUN)
 
@@ -66,6 +74,7 @@ def test_sigkill_mid_run_then_resume_gives_bitwise_identical_parameters(shapes_d
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.faults
 def test_sigterm_exits_143_after_saving(shapes_data_dir, tmp_path):
     process = subprocess.Popen(train_command(tmp_path, shapes_data_dir, **LONG_RUN), cwd=REPO_ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

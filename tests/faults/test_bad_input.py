@@ -1,0 +1,71 @@
+"""Bad configs and command-line input: each is a one-line `error: ...` saying what is wrong and what to do, exit
+status 1, before anything is loaded or written (a config value that only the stage or the data pipeline can check:
+before any checkpoint). test_generate_tool.py covers generate's prompt problems, empty lines in a prompts file among
+them; test_precompute.py covers precompute's config checks."""
+
+import pytest
+
+from clipgen_jax import pipeline
+from faultlib import assert_one_line_error, run_tool, train_args
+
+pytestmark = pytest.mark.faults
+
+TINY = "configs/autoencoder.py:tiny"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.train.stepz=3", r"--config.train.stepz: the config has no field 'stepz' \(Did you mean \"steps\" "
+                               r"instead of \"stepz\"\?\); check the name against the config file"),
+    ("--config.train.steps=ten", r"flag --config.train.steps=ten: invalid literal for int\(\) .*--helpshort"),
+], ids=["unknown_field", "wrong_type"])
+def test_train_refuses_bad_config_overrides(override, expected, shapes_data_dir, tmp_path):
+    result = run_tool("tools/train.py", *train_args(tmp_path / "run", shapes_data_dir, config=TINY), override)
+    assert_one_line_error(result, expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_bad_config_value_before_training(shapes_data_dir, tmp_path):
+    result = run_tool("tools/train.py", *train_args(tmp_path, shapes_data_dir, config=TINY),
+                      "--config.data.source=nope")
+    assert_one_line_error(result, r"data.source='nope' is not one of \('shapes', 'tfds', 'folder'\)")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("workdir, expected", [
+    (None, r"Flag --workdir must have a value other than None"),
+    ("", r"--workdir is empty; name the run's directory"),
+], ids=["missing", "empty"])
+def test_train_refuses_a_missing_workdir(workdir, expected, tmp_path):
+    args = [f"--config={TINY}"] + ([] if workdir is None else [f"--workdir={workdir}"])
+    result = run_tool("tools/train.py", *args, cwd=tmp_path)
+    assert_one_line_error(result, expected)
+    assert list(tmp_path.iterdir()) == []  # nothing trained into the current directory
+
+
+def test_generate_refuses_a_prompts_file_that_is_not_utf8(tmp_path):
+    """The prompts file is read before any model loads (so no prior is needed to see the error)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a red circle\n".encode() + b"a \xff\xfe square\n")
+    result = run_tool("tools/generate.py", f"--prompts={prompts}", f"--prior={tmp_path / 'no_prior'}",
+                      f"--out={tmp_path / 'out'}")
+    assert_one_line_error(result, r"cannot read the prompts file .*prompts.txt: 'utf-8' codec can't decode byte 0xff")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["prompts.txt"]
+
+
+@pytest.fixture(scope="module")
+def pipe(models_dir, tmp_path_factory):
+    from test_pipeline import save_prior_bundle
+
+    bundle = save_prior_bundle(tmp_path_factory.mktemp("prior") / "prior", models_dir / "vqgan", models_dir / "clip")
+    return pipeline.Pipeline.load(bundle)
+
+
+@pytest.mark.parametrize("setting", [dict(top_k=0), dict(top_p=1.5), dict(temperature=-1.0)],
+                         ids=["top_k_0", "top_p_1.5", "negative_temperature"])
+def test_absurd_sampling_settings_are_refused_before_sampling(pipe, setting):
+    """A ValueError of one line, raised before anything is sampled or written; tools/generate.py prints such errors
+    as `error: ...` with exit status 1 and no output (test_generate_tool.py's too_long case: also raised after the
+    models load). Not run through the tool here: it would load three models to show the same line."""
+    (name, value), = setting.items()
+    with pytest.raises(ValueError, match=rf"^{name}={value} must be [^\n]*$"):
+        pipe.generate(["a red circle"], num_candidates=2, seed=0, batch_size=2, **setting)
