@@ -46,8 +46,7 @@ def _decode_and_score(method, codes, queries):
 def test_the_optimisation_raises_clip_similarity(method):
     queries = method.clip.embed_texts(PROMPTS)
     # A random CLIP barely tells images apart (similarities differ in the fourth decimal), so gains are measured
-    # against the spread of the similarity over random images: those of 16 random token grids per prompt (the
-    # optimisation's starting points are random codebook entries).
+    # against the spread of the similarity over random images: the decodings of 16 random token grids per prompt.
     random_codes = jax.random.randint(jax.random.PRNGKey(5), (32, 16, 16), 0, method.vqgan.codebook_size)
     _, start_scores = _decode_and_score(method, random_codes, np.repeat(queries, 16, axis=0))
     start_scores = np.asarray(start_scores).reshape(2, 16)
@@ -92,6 +91,16 @@ def test_seeds_reproduce_and_generate_ranks_like_the_pipeline(method):
     assert np.mean(rebatched != all_images) < 0.01
     other_seed, _ = method.generate(PROMPTS, num_candidates=3, keep=2, seed=1, settings=FAST)
     assert not np.array_equal(other_seed, images)
+
+
+def test_every_init_starts_from_distinct_latents(method):
+    grid = (2, 16, 16, method.vqgan.code_dim)
+    for init in vqgan_clip.INITS:
+        latents = np.asarray(method._initial_latents(method.vqgan_params, _keys(2), init))
+        assert latents.shape == grid and np.all(np.isfinite(latents)) and not np.allclose(latents[0], latents[1])
+        if init == "codes":  # codebook entries: they snap to themselves
+            codebook = np.asarray(method.vqgan.apply({"params": method.vqgan_params}, method=method.vqgan.codebook))
+            assert np.all(np.isclose(latents[..., None, :], codebook).all(-1).any(-1))
 
 
 def test_bad_settings_are_named(method):

@@ -9,7 +9,7 @@ images.
       [--num_candidates 16 --keep 1 --temperature 1 --top_k K --top_p P --guidance_scale 1 --seed 0]
       [--out generated]
   python tools/generate.py --method vqgan_clip --vqgan DIR --clip NAME_OR_DIR (--text ... | --prompts ... | --image ...)
-      [--steps 40 --learning_rate 0.1 --cutouts 4 --num_candidates 4 --keep 1 --seed 0] [--out generated]
+      [--steps 30 --learning_rate 0.1 --cutouts 2 --num_candidates 4 --keep 1 --seed 0] [--out generated]
       (no prior: each candidate optimises the VQGAN's latents towards the prompt's CLIP embedding;
       clipgen_jax/vqgan_clip.py)
 
