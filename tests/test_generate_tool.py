@@ -31,6 +31,17 @@ def _run(*args, cwd=REPO_ROOT):
     return subprocess.run([sys.executable, TOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+def check_two_prompts_two_kept(out: pathlib.Path) -> list[dict]:
+    """The SHAPES.md layout for PROMPTS with keep=2 and seed 3; returns samples.json's records."""
+    assert sorted(p.name for p in out.iterdir()) == ["0000_00.png", "0000_01.png", "0001_00.png", "0001_01.png",
+                                                     "grid.png", "samples.json"]
+    records = json.loads((out / "samples.json").read_text())
+    assert [(r["prompt_index"], r["rank"], r["prompt"], r["seed"], r["file"]) for r in records] == [
+        (0, 0, PROMPTS[0], 3, "0000_00.png"), (0, 1, PROMPTS[0], 3, "0000_01.png"),
+        (1, 0, PROMPTS[1], 3, "0001_00.png"), (1, 1, PROMPTS[1], 3, "0001_01.png")]
+    return records
+
+
 def test_prompts_file_gives_the_shapes_layout(bundle, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
@@ -38,12 +49,7 @@ def test_prompts_file_gives_the_shapes_layout(bundle, tmp_path):
     result = _run(f"--prompts={prompts_file}", f"--prior={bundle}", "--num_candidates=3", "--keep=2", "--seed=3",
                   "--batch_size=4", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["0000_00.png", "0000_01.png", "0001_00.png", "0001_01.png",
-                                                     "grid.png", "samples.json"]
-    records = json.loads((out / "samples.json").read_text())
-    assert [(r["prompt_index"], r["rank"], r["prompt"], r["seed"], r["file"]) for r in records] == [
-        (0, 0, PROMPTS[0], 3, "0000_00.png"), (0, 1, PROMPTS[0], 3, "0000_01.png"),
-        (1, 0, PROMPTS[1], 3, "0001_00.png"), (1, 1, PROMPTS[1], 3, "0001_01.png")]
+    records = check_two_prompts_two_kept(out)
     # The same images and scores as the library gives for these settings.
     images, scores = pipeline.Pipeline.load(bundle).generate(PROMPTS, num_candidates=3, keep=2, seed=3, batch_size=4)
     for record in records:

@@ -2,7 +2,6 @@
 decodings of codebook tokens, seeds reproduce, `generate` returns what `Pipeline.generate` does, and
 `tools/generate.py --method vqgan_clip` writes the ../shared/SHAPES.md layout or refuses bad input with one line."""
 
-import json
 import pathlib
 import re
 import subprocess
@@ -12,13 +11,13 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from test_generate_tool import PROMPTS, check_two_prompts_two_kept
 from test_pipeline import tiny_models
 
 from clipgen_jax import pipeline, vqgan_clip
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOL = str(REPO_ROOT / "tools" / "generate.py")
-PROMPTS = ["a small red circle in the top left on a black background", "a large blue square in the center"]
 # Few steps and views: the tiny models only need to show the direction of the optimisation.
 FAST = vqgan_clip.Settings(steps=12, learning_rate=0.2, cutouts=2)
 
@@ -150,12 +149,7 @@ def test_the_tool_writes_the_shapes_layout(models, method, tmp_path):
                   "--num_candidates=2", "--keep=2", "--seed=3", f"--steps={FAST.steps}",
                   f"--learning_rate={FAST.learning_rate}", f"--cutouts={FAST.cutouts}", f"--out={out}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["0000_00.png", "0000_01.png", "0001_00.png", "0001_01.png",
-                                                     "grid.png", "samples.json"]
-    records = json.loads((out / "samples.json").read_text())
-    assert [(r["prompt_index"], r["rank"], r["prompt"], r["seed"], r["file"]) for r in records] == [
-        (0, 0, PROMPTS[0], 3, "0000_00.png"), (0, 1, PROMPTS[0], 3, "0000_01.png"),
-        (1, 0, PROMPTS[1], 3, "0001_00.png"), (1, 1, PROMPTS[1], 3, "0001_01.png")]
+    records = check_two_prompts_two_kept(out)
     images, scores = method.generate(PROMPTS, num_candidates=2, keep=2, seed=3, settings=FAST)
     for record in records:
         saved = np.asarray(Image.open(out / record["file"]))
