@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "Pillow>=10.0",
     "tqdm>=4.66",
+    "matplotlib>=3.8",  # the demo's training-curve plots
     "tensorboardX>=2.6.2",
     "absl-py>=2.1",
     "PyYAML>=6.0",  # taming configs (yaml.safe_load only)
@@ -27,7 +28,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8.0", "scikit-image>=0.22"],  # skimage: reference SSIM and sample photographs
+    # skimage: reference SSIM and sample photographs; nbclient, nbformat, ipykernel: executing notebooks/ in CI.
+    "test": ["pytest>=8.0", "scikit-image>=0.22", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     # Reading tfrecord-format TFDS datasets (tfds.load) needs TensorFlow; array_record datasets do not.
     "tf": ["tensorflow>=2.16"],
     # The taming-transformers parity test. torch 2.13.0 is a CPU build on the project's machines; add

@@ -8,7 +8,8 @@ Every checkpoint carries a manifest of its files' SHA-256 (`MANIFEST`), written 
 rename that commits it, and checked before every restore: Orbax itself reads a flipped byte in array data back as a
 wrong value without complaint (zstd chunks carry no checksum). Resuming skips a damaged or unreadable checkpoint with
 a warning naming it, falls back to the newest one that restores, and moves the skipped ones aside
-(`<step>.unreadable`), because the resumed run will save those steps again.
+(`<step>.unreadable`), because the resumed run will save those steps again. Inference bundles carry a manifest of
+their params too, checked whenever they load.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class UnrestorableCheckpointsError(RuntimeError):
     """A workdir holds checkpoints, but none of them restores into the run's train state."""
 
 
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint's files differ from its manifest: it was damaged on disk after it was written."""
+class CorruptCheckpointError(OSError):
+    """A checkpoint's (or bundle's) files differ from its manifest: it was damaged on disk after it was written. An
+    OSError, as a failed read is, so that the tools report it as one line like other unusable files."""
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -96,6 +98,13 @@ def verify_manifest(directory: str | pathlib.Path) -> bool:
     return True
 
 
+def verify_or_warn(directory: str | pathlib.Path, what: str) -> None:
+    """`verify_manifest`, with a warning that `what` (e.g. "checkpoint") is read unverified when it has no manifest."""
+    if not verify_manifest(directory):
+        logger.warning("%s %s has no %s (written by an older version): reading it unverified", what, directory,
+                       MANIFEST)
+
+
 class Checkpointer:
     """A thin, typed face on `ocp.CheckpointManager` for (train state, data iterator state) pairs."""
 
@@ -137,13 +146,10 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores into `abstract_state` (ShapeDtypeStructs carrying the target shardings); raises
         `CorruptCheckpointError` when the files differ from the checkpoint's manifest."""
-        verified = verify_manifest(self.directory / str(step))
+        verify_or_warn(self.directory / str(step), "checkpoint")
         restored = self._manager.restore(
             step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
                                              DATA_ITEM: ocp.args.JsonRestore()}))
-        if not verified:
-            logger.warning("checkpoint %s/%d has no %s (written by an older version): restored it unverified",
-                           self.directory, step, MANIFEST)
         return restored[STATE_ITEM], restored[DATA_ITEM]
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
@@ -218,8 +224,9 @@ BUNDLE_PARAMS = "params"
 def save_bundle(directory: str | pathlib.Path, params: Any, metadata: dict, *, overwrite: bool = False
                 ) -> pathlib.Path:
     """An inference bundle: `metadata.json` (what the params are: kind, model config, provenance) and an Orbax
-    `params/` checkpoint. Written to a temporary sibling and renamed, so a directory that exists is complete; with
-    `overwrite`, an existing bundle is replaced only once the new one is complete."""
+    `params/` checkpoint with a manifest of its files (`load_bundle_params` checks it). Written to a temporary
+    sibling and renamed, so a directory that exists is complete; with `overwrite`, an existing bundle is replaced
+    only once the new one is complete."""
     directory = pathlib.Path(directory).absolute()
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists; choose a new output directory or remove it")
@@ -235,6 +242,8 @@ def save_bundle(directory: str | pathlib.Path, params: Any, metadata: dict, *, o
         checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process)
         checkpointer.save(temporary / BUNDLE_PARAMS, params)
         checkpointer.wait_until_finished()
+        # The params only: metadata.json is plain JSON that a user may edit (e.g. the paths of a moved bundle).
+        write_manifest(temporary / BUNDLE_PARAMS)
         (temporary / BUNDLE_METADATA).write_text(json.dumps(metadata, indent=2))
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)  # e.g. a full disk: free what the half-written bundle holds
@@ -261,7 +270,9 @@ def load_bundle_metadata(directory: str | pathlib.Path) -> dict:
 
 
 def load_bundle_params(directory: str | pathlib.Path, abstract_params: Any) -> Any:
-    """Params of a bundle, restored into `abstract_params` (ShapeDtypeStructs, optionally with shardings)."""
+    """Params of a bundle, restored into `abstract_params` (ShapeDtypeStructs, optionally with shardings); raises
+    `CorruptCheckpointError` when the files differ from the bundle's manifest."""
+    verify_or_warn(pathlib.Path(directory) / BUNDLE_PARAMS, "bundle")
     # Leaves without a sharding go to this process's first device. Left to itself Orbax would use the sharding the
     # bundle was written with, which names the writer's devices: a run on another topology (several processes)
     # fails with "Topology mismatch detected".

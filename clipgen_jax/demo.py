@@ -17,8 +17,11 @@ Results go to OUT/results.json and OUT/results.md: stage times, the VQGAN table,
 (mean and standard deviation over the seeds) and issue 7's time budget beside the measured times.
 
 `compare` (issue 7's `--compare`) then trains the ablations and the upper bound of COMPARE_PRIORS into OUT/compare/
-(the same prior recipe with one conditioning switch changed) and scores each like the main prior (re-ranked), into
-one table with the main prior's rows: results["compare"].
+(the same prior recipe with one conditioning switch changed) and scores each like the main prior (re-ranked), and
+VQGAN+CLIP (the optimisation baseline, on the demo's VQGAN and conditioning CLIP) the same way, into one table with
+the main prior's rows: results["compare"].
+
+Training curves of every run (losses, PSNR, the prior's training-time oracle score) go to OUT/CURVES_FILE.
 
 `quick` runs the same chain on the `tiny` Shapes build with the `tiny` presets (a short prior run, QUICK_CANDIDATES
 candidates, one seed): a smoke run of a few minutes whose accuracies mean nothing.
@@ -31,6 +34,7 @@ listed under "reused"; a stage resumed after an interruption counts only the res
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
@@ -41,9 +45,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from clipgen_jax import checkpointing, pipeline, precompute, training
+from clipgen_jax import checkpointing, pipeline, precompute, training, vqgan_clip
 from clipgen_jax.data import precomputed, shapes, shapes_tfds
-from clipgen_jax.evaluation import clip_scores, generation, reconstruction
+from clipgen_jax.evaluation import clip_scores, curves, generation, reconstruction
 from clipgen_jax.models import clip as clip_lib
 from clipgen_jax.training import writer
 
@@ -64,6 +68,7 @@ QUICK_IMAGES_PER_PROMPT = 2
 QUICK_PRIOR_STEPS = 20
 GRID_PROMPTS = 16  # prompts (rows) in the sample grid
 GRID_FILE = "samples_heldout.png"
+CURVES_FILE = "training_curves.png"
 METHOD_LABELS = {"reranked": "CLIP-GEN, CLIP re-ranking (best of {num_candidates})",
                  "single": "CLIP-GEN, no re-ranking"}
 
@@ -76,6 +81,12 @@ COMPARE_PRIORS = (
     ("guidance", "CLIP-GEN + classifier-free guidance (dropout 0.1, scale 3)", {"dropout": 0.1}, 3.0),
     ("text", "text-supervised prior (upper bound; trained on caption embeddings)", {"source": "text"}, 1.0),
 )
+# VQGAN+CLIP (vqgan_clip.py, its default Settings) optimises every image from scratch, 30 forward and backward passes
+# through the VQGAN decoder and CLIP each, so it gets one start per image (no re-ranking) to fit the --compare budget.
+# Settings documents the sweep that found no better setting on Shapes.
+VQGAN_CLIP_CANDIDATES = 1
+QUICK_VQGAN_CLIP_STEPS = 3
+VQGAN_CLIP_LABEL = "VQGAN+CLIP (optimisation, {steps} steps, best of {candidates})"
 COMPARE_BUDGET_MINUTES = 90
 
 # Issue 7's budget on the 2-core CPU, compilation included: (label, stages counted, minutes).
@@ -218,10 +229,12 @@ def run(out: str | pathlib.Path = "runs/shapes", quick: bool = False, clip: str 
     results["prior"]["train_steps"] = prior_config.train.steps
 
     if compare:
+        optimisation = vqgan_clip.Settings(steps=QUICK_VQGAN_CLIP_STEPS) if quick else vqgan_clip.Settings()
         results["compare"] = _compare(clock, out, prior_config, results["prior"], previous.get("compare", {}), scorer,
                                       vqgan_config.data, num_candidates=num_candidates, seeds=seeds,
-                                      images_per_prompt=images_per_prompt)
-    results["prior"]["train_steps"] = prior_config.train.steps
+                                      images_per_prompt=images_per_prompt, optimisation=optimisation)
+    results["curves"] = CURVES_FILE
+    curves.plot_curves(curve_panels(out, [key for key, *_ in COMPARE_PRIORS] if compare else []), out / CURVES_FILE)
 
     results["budget"] = budget(results["seconds"])
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -268,10 +281,26 @@ def evaluate_prior(pipe: pipeline.Pipeline, eval_clip: clip_lib.CLIP, reference_
 
 
 def _compare(clock: _Clock, out: pathlib.Path, prior_config, main: dict, previous: dict, eval_clip: clip_lib.CLIP,
-             reference_config, *, num_candidates: int, seeds: tuple[int, ...], images_per_prompt: int) -> dict:
-    """The --compare table: the main prior's two rows, then each COMPARE_PRIORS variant (trained here) re-ranked.
-    A variant whose weights and settings match the previous run's keeps its scores."""
+             reference_config, *, num_candidates: int, seeds: tuple[int, ...], images_per_prompt: int,
+             optimisation: vqgan_clip.Settings) -> dict:
+    """The --compare table: the main prior's two rows, each COMPARE_PRIORS variant (trained here) re-ranked, then
+    VQGAN+CLIP with `optimisation` on the demo's VQGAN and conditioning CLIP. A row whose weights and settings match
+    the previous run's keeps its scores."""
     table = {METHOD_LABELS[key].format(num_candidates=num_candidates): main[key] for key in METHOD_LABELS}
+
+    def score(key: str, label: str, method_source, settings: dict, candidates: int, **sampling) -> None:
+        earlier = previous.get(label)
+        if earlier is not None and earlier.get("settings") == settings:
+            table[label] = clock.run(f"compare_evaluate_{key}", True, lambda: earlier)
+            return
+        evaluate, _, _ = _heldout_evaluation(method_source, eval_clip, reference_config, seeds=seeds,
+                                             images_per_prompt=images_per_prompt,
+                                             feature_seeds=min(FEATURE_SEEDS, len(seeds)))
+        method = generation.pipeline_method(method_source, batch_size=SAMPLING_BATCH, **sampling)
+        table[label] = clock.run(f"compare_evaluate_{key}", False,
+                                 lambda: evaluate({label: (method, candidates)})[label])
+        table[label]["settings"] = settings
+
     for key, label, cond, guidance_scale in COMPARE_PRIORS:
         config = prior_config.copy_and_resolve_references()
         config.cond.update(cond)
@@ -280,18 +309,33 @@ def _compare(clock: _Clock, out: pathlib.Path, prior_config, main: dict, previou
         pipe = pipeline.Pipeline.load(out / "compare" / key)
         settings = {**main["settings"], "prior_weights_hash": checkpointing.params_hash(pipe.prior_params),
                     "guidance_scale": guidance_scale}
-        earlier = previous.get(label)
-        if earlier is not None and earlier.get("settings") == settings:
-            table[label] = clock.run(f"compare_evaluate_{key}", True, lambda: earlier)
-            continue
-        evaluate, _, _ = _heldout_evaluation(pipe, eval_clip, reference_config, seeds=seeds,
-                                             images_per_prompt=images_per_prompt,
-                                             feature_seeds=min(FEATURE_SEEDS, len(seeds)))
-        method = generation.pipeline_method(pipe, batch_size=SAMPLING_BATCH, guidance_scale=guidance_scale)
-        table[label] = clock.run(f"compare_evaluate_{key}", False,
-                                 lambda: evaluate({label: (method, num_candidates)})[label])
-        table[label]["settings"] = settings
+        score(key, label, pipe, settings, num_candidates, guidance_scale=guidance_scale)
+
+    optimiser = vqgan_clip.VQGANCLIP.load(out / "vqgan", prior_config.clip)
+    settings = {key: value for key, value in main["settings"].items() if not key.startswith("prior_")}
+    settings.update(method="vqgan_clip", vqgan_weights_hash=checkpointing.params_hash(optimiser.vqgan_params),
+                    clip_weights_hash=optimiser.clip.weights_hash(), num_candidates=VQGAN_CLIP_CANDIDATES,
+                    optimisation=dataclasses.asdict(optimisation))
+    score("vqgan_clip", VQGAN_CLIP_LABEL.format(steps=optimisation.steps, candidates=VQGAN_CLIP_CANDIDATES),
+          optimiser, settings, VQGAN_CLIP_CANDIDATES, settings=optimisation)
     return table
+
+
+def curve_panels(out: pathlib.Path, compare_keys: list[str]) -> list[curves.Panel]:
+    """The demo's training curves: the VQGAN's loss and PSNR, the priors' cross-entropy and held-out oracle score
+    (the main prior's train and validation lines, and each --compare variant's validation line)."""
+    vqgan, prior = out / "vqgan", out / "prior"
+    variants = [(key, out / "compare" / key) for key in compare_keys]
+    return [
+        ("VQGAN", "loss (training batches)", [("train", vqgan, "train/loss")]),
+        ("VQGAN reconstruction", "PSNR (dB)", [("train", vqgan, "train/psnr"), ("validation", vqgan, "eval/psnr")]),
+        ("prior", "cross-entropy (nats per token)",
+         [("train", prior, "train/cross_entropy"), ("validation", prior, "eval/cross_entropy")]
+         + [(f"{key}: validation", workdir, "eval/cross_entropy") for key, workdir in variants]),
+        ("prior: held-out prompts, Shapes oracle", "all-attribute accuracy (training-time evaluation)",
+         [("language-free", prior, "eval/shapes/all")]
+         + [(key, workdir, "eval/shapes/all") for key, workdir in variants]),
+    ]
 
 
 def captioned_grid(images_PKHWC: np.ndarray, prompts: list[str]) -> np.ndarray:
@@ -358,7 +402,7 @@ def markdown(results: dict) -> str:
         generation.markdown_table({METHOD_LABELS[key].format(num_candidates=prior["num_candidates"]): prior[key]
                                    for key in METHOD_LABELS}, prior["eval_clip"]),
         "", f"Samples: `{prior['grid']}` (the first seed; a row per prompt, the prompt under it, candidates in "
-        "CLIP order, best first).",
+        f"CLIP order, best first). Training curves: `{results['curves']}`.",
         *(["", "## Comparison (`--compare`)", "",
            "The language-free prior's ablations and the text-supervised upper bound, each the same recipe with one "
            f"conditioning switch changed, re-ranked (best of {prior['num_candidates']}) and scored as above.", "",

@@ -105,58 +105,83 @@ def _locate(metadata: Mapping[str, Any], key: str, bundle_dir: pathlib.Path | No
     return recorded
 
 
-def _latest_checkpoint_step(workdir: pathlib.Path) -> int | None:
+def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
     directory = workdir / CHECKPOINTS_DIR
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
-    return max(steps, default=None)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
 def _restore_checkpoint_params(workdir: pathlib.Path, step: int, model: prior_lib.Prior) -> Any:
-    """Only the params of a training checkpoint: AdamW's two moments, two thirds of its bytes, stay unread."""
+    """Only the params of a training checkpoint: AdamW's two moments, two thirds of its bytes, stay unread. The
+    checkpoint's files are checked against its manifest first, as a resuming run checks them."""
+    directory = workdir / CHECKPOINTS_DIR / str(step)
+    checkpointing.verify_or_warn(directory, "checkpoint")
     abstract = {"params": jax.eval_shape(lambda: prior_lib.init_params(model, jax.random.PRNGKey(0)))}
     restored = ocp.PyTreeCheckpointer().restore(
-        (workdir / CHECKPOINTS_DIR / str(step) / checkpointing.STATE_ITEM).absolute(),
+        (directory / checkpointing.STATE_ITEM).absolute(),
         args=ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
                                     restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
     return jax.tree.map(jnp.asarray, restored["params"])
 
 
+def _load_prior_bundle(bundle: pathlib.Path, dtype: Any) -> tuple[prior_lib.Prior, Any, dict, pathlib.Path]:
+    bundle = checkpointing.bundle_path(bundle, KIND)  # checks the kind
+    metadata = checkpointing.load_bundle_metadata(bundle)
+    model = prior_lib.from_config(metadata["model"], dtype)
+    abstract = jax.eval_shape(lambda: prior_lib.init_params(model, jax.random.PRNGKey(0)))
+    return model, checkpointing.load_bundle_params(bundle, abstract), metadata, bundle.absolute()
+
+
+def _load_prior_checkpoint(workdir: pathlib.Path, step: int, dtype: Any) -> tuple[prior_lib.Prior, Any, dict, None]:
+    config_path = workdir / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{workdir} has checkpoints but no {CONFIG_FILE} (the training config); it is not a "
+                                "prior training workdir")
+    config = json.loads(config_path.read_text())
+    if config.get("stage") != KIND:
+        raise ValueError(f"{workdir} is a {config.get('stage')!r} training workdir, not a prior one")
+    try:
+        identities = precomputed.load_metadata(config["data"]["data_dir"], config["data"]["name"])
+    except (FileNotFoundError, ValueError):
+        identities = None  # the training data is gone: the VQGAN and CLIP cannot be checked against it
+    metadata = prior_metadata(config, vqgan_path=config["vqgan"], step=step, identities=identities)
+    model = prior_lib.from_config(metadata["model"], dtype)
+    logger.info("loading the prior from checkpoint %d of %s", step, workdir)
+    return model, _restore_checkpoint_params(workdir, step, model), metadata, None
+
+
 def load_prior(path: str | pathlib.Path, dtype: Any = jnp.float32
                ) -> tuple[prior_lib.Prior, Any, dict, pathlib.Path | None]:
     """(model, params, metadata, bundle directory or None) of a prior bundle, or of a training workdir: its export, or
-    its latest checkpoint when that is newer (a run still training, or resumed past its export)."""
+    its latest checkpoint when that is newer (a run still training, or resumed past its export).
+
+    Files that differ from their manifest raise `checkpointing.CorruptCheckpointError`; in a workdir, as when training
+    resumes, a damaged export or checkpoint is skipped with a warning naming the file, for the newest intact one (left
+    where it is: a reader does not move a run's files)."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"no prior at {path}: train one (python tools/demo.py, or python tools/train.py "
             f"--config=configs/prior.py:shapes --workdir={path}) or pass --prior DIR")
-    export = path if checkpointing.is_bundle(path) else path / checkpointing.EXPORT_DIR
-    checkpoint_step = None if export == path else _latest_checkpoint_step(path)
+    if checkpointing.is_bundle(path):
+        return _load_prior_bundle(path, dtype)
+    export = path / checkpointing.EXPORT_DIR
+    # (step, bundle or None for a checkpoint), newest first; at the same step the export, which needs no config.
+    candidates = [(step, None) for step in _checkpoint_steps(path)]
     if checkpointing.is_bundle(export):
-        metadata = checkpointing.load_bundle_metadata(export)
-        if checkpoint_step is None or checkpoint_step <= metadata.get("step", -1):
-            bundle = checkpointing.bundle_path(export, KIND)  # checks the kind
-            model = prior_lib.from_config(metadata["model"], dtype)
-            abstract = jax.eval_shape(lambda: prior_lib.init_params(model, jax.random.PRNGKey(0)))
-            return model, checkpointing.load_bundle_params(bundle, abstract), metadata, bundle.absolute()
-    if checkpoint_step is None:
+        candidates.append((checkpointing.load_bundle_metadata(export).get("step", -1), export))
+    candidates.sort(key=lambda candidate: (candidate[0], candidate[1] is not None), reverse=True)
+    if not candidates:
         raise FileNotFoundError(f"{path} holds neither a prior bundle nor a training checkpoint: pass a prior "
                                 "training workdir or its export/")
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path} has checkpoints but no {CONFIG_FILE} (the training config); it is not a "
-                                "prior training workdir")
-    config = json.loads(config_path.read_text())
-    if config.get("stage") != KIND:
-        raise ValueError(f"{path} is a {config.get('stage')!r} training workdir, not a prior one")
-    try:
-        identities = precomputed.load_metadata(config["data"]["data_dir"], config["data"]["name"])
-    except (FileNotFoundError, ValueError):
-        identities = None  # the training data is gone: the VQGAN and CLIP cannot be checked against it
-    metadata = prior_metadata(config, vqgan_path=config["vqgan"], step=checkpoint_step, identities=identities)
-    model = prior_lib.from_config(metadata["model"], dtype)
-    logger.info("loading the prior from checkpoint %d of %s", checkpoint_step, path)
-    return model, _restore_checkpoint_params(path, checkpoint_step, model), metadata, None
+    damaged = []
+    for step, bundle in candidates:
+        try:
+            return _load_prior_bundle(bundle, dtype) if bundle else _load_prior_checkpoint(path, step, dtype)
+        except checkpointing.CorruptCheckpointError as error:
+            logger.warning("%s; trying an older prior in %s", error, path)
+            damaged.append(str(error))
+    raise checkpointing.CorruptCheckpointError(
+        f"every prior in {path} is damaged ({'; '.join(damaged)}): train it again, or restore the files from a copy")
 
 
 def _short(weights_hash: str) -> str:
@@ -321,7 +346,8 @@ class Pipeline:
                                  guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 64
                                  ) -> tuple[np.ndarray, np.ndarray]:
         """`generate` for L2-normalised CLIP embeddings [P, D] (text or image) that condition and rank at once."""
-        _check_settings(num_candidates, keep, temperature, top_k, top_p, batch_size, self.prior.vocab_size)
+        check_candidates(num_candidates, keep, batch_size)
+        check_sampling_settings(temperature, top_k, top_p, guidance_scale, self.prior.vocab_size)
         if guidance_scale != 1.0 and not self.metadata.get("cond", {}).get("dropout"):
             logger.warning("guidance_scale=%s but this prior was trained without condition dropout: its null "
                            "embedding is untrained, so guidance only adds noise", guidance_scale)
@@ -358,15 +384,20 @@ def check_candidates(num_candidates: int, keep: int, batch_size: int) -> None:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
 
 
-def _check_settings(num_candidates: int, keep: int, temperature: float, top_k: int | None, top_p: float | None,
-                    batch_size: int, vocab_size: int) -> None:
-    check_candidates(num_candidates, keep, batch_size)
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 takes the most likely token)")
-    if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise ValueError(f"top_k={top_k} must be between 1 and the vocabulary size {vocab_size}")
+def check_sampling_settings(temperature: float, top_k: int | None, top_p: float | None, guidance_scale: float,
+                            vocab_size: int | None = None) -> None:
+    """The prior's sampling settings; `vocab_size` (the prior's) bounds top_k. tools/generate.py checks them without
+    it before any model loads, so that a typo costs no loading time."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature} must be a number >= 0 (0 takes the most likely token)")
+    if top_k is not None and not (top_k >= 1 and (vocab_size is None or top_k <= vocab_size)):
+        raise ValueError(f"top_k={top_k} must be at least 1" if vocab_size is None else
+                         f"top_k={top_k} must be between 1 and the vocabulary size {vocab_size}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale={guidance_scale} must be a number >= 0 (1 is no guidance, 0 ignores the "
+                         "prompt)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

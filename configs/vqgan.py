@@ -72,6 +72,9 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         # Sized for 2 CPU cores (~85 training images/s): one res block per level and 32 base channels; 8 norm groups
         # (not taming's 32, which would normalise each of 32 channels alone) and 8-d codes, both better in probes.
         config.model.update(ch=32, num_res_blocks=1, norm_groups=8, code_dim=8)
+        # The object covers 2.5-8% of the pixels; weighting the loss towards it measured better on every attribute
+        # (held-out oracle agreement 52.8% vs 47.9%, PSNR 33.5 vs 31.5 dB).
+        config.loss.foreground_weight = 10.0
         config.train.update(steps=1500, batch_size=32, eval_batch_size=64, log_every=100, eval_every=500,
                             checkpoint_every=500)
     elif preset == "tiny":

@@ -31,6 +31,31 @@ def shapes_data_dir(tmp_path_factory) -> _pathlib.Path:
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> _pathlib.Path:
+    """A tiny random VQGAN bundle (`vqgan/`: 32 px, 16 x 16 tokens of 64 codes) and CLIP (`clip/`: 16-d), as
+    test_pipeline.tiny_models makes them."""
+    from test_pipeline import tiny_models
+
+    root = tmp_path_factory.mktemp("models")
+    tiny_models(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prior_dataset(tmp_path_factory, models_dir, shapes_data_dir):
+    """The tiny Shapes build (validation 128, heldout 96) precomputed with models_dir's VQGAN and CLIP:
+    (vqgan path, clip path, data_dir)."""
+    from clipgen_jax import precompute, training
+
+    config = training.load_config("configs/precompute.py:tiny")
+    config.vqgan, config.clip = str(models_dir / "vqgan"), str(models_dir / "clip")
+    config.data.data_dir = str(shapes_data_dir)
+    config.output.data_dir = str(tmp_path_factory.mktemp("prior_dataset") / "precomputed")
+    precompute.precompute(config)
+    return models_dir / "vqgan", models_dir / "clip", _pathlib.Path(config.output.data_dir)
+
+
 class _RunsShellCommand:
     """Unpickling this calls os.system(command): the payload of a malicious weights file."""
 

@@ -12,6 +12,7 @@ from test_pipeline import tiny_models
 
 from clipgen_jax import demo
 from clipgen_jax.data import shapes
+from clipgen_jax.evaluation import curves
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ["build_shapes", "train_vqgan", "evaluate_vqgan", "precompute", "train_prior", "generate_evaluate"]
@@ -44,6 +45,7 @@ def _check_layout(out: pathlib.Path) -> None:
     assert (out / "prior" / "export" / "metadata.json").is_file()
     grid = Image.open(out / demo.GRID_FILE)
     assert grid.mode == "RGB" and grid.height > demo.GRID_PROMPTS * 33 and grid.width >= demo.QUICK_CANDIDATES * 33
+    assert Image.open(out / demo.CURVES_FILE).width > 500
 
 
 @pytest.mark.slow
@@ -82,7 +84,13 @@ def test_quick_demo_writes_results_and_reuses_finished_stages(tmp_path):
     _demo(out, f"--clip={clip_dir}", "--compare")
     compared = json.loads((out / "results.json").read_text())
     labels = [label for _, label, _, _ in demo.COMPARE_PRIORS]
-    assert list(compared["compare"]) == ["CLIP-GEN, CLIP re-ranking (best of 4)", "CLIP-GEN, no re-ranking", *labels]
+    vqgan_clip_label = (f"VQGAN+CLIP (optimisation, {demo.QUICK_VQGAN_CLIP_STEPS} steps, best of "
+                        f"{demo.VQGAN_CLIP_CANDIDATES})")
+    assert list(compared["compare"]) == ["CLIP-GEN, CLIP re-ranking (best of 4)", "CLIP-GEN, no re-ranking", *labels,
+                                         vqgan_clip_label]
+    vqgan_clip_row = compared["compare"][vqgan_clip_label]
+    assert vqgan_clip_row["num_candidates"] == demo.VQGAN_CLIP_CANDIDATES
+    assert 0.0 <= vqgan_clip_row["mean"]["oracle_all"] <= 1.0 and vqgan_clip_row["mean"]["fd_clip"] > 0.0
     assert compared["compare"]["CLIP-GEN, no re-ranking"]["mean"] == results["prior"]["single"]["mean"]
     for key, label, cond, _ in demo.COMPARE_PRIORS:
         metadata = json.loads((out / "compare" / key / "export" / "metadata.json").read_text())
@@ -91,6 +99,8 @@ def test_quick_demo_writes_results_and_reuses_finished_stages(tmp_path):
         assert compared["compare"][label]["num_candidates"] == demo.QUICK_CANDIDATES
     assert compared["budget"][-1]["stage"] == "total with --compare"
     assert "## Comparison (`--compare`)" in (out / "results.md").read_text()
+    drawn = curves.plot_curves(demo.curve_panels(out, [key for key, *_ in demo.COMPARE_PRIORS]), tmp_path / "c.png")
+    assert drawn == ["VQGAN", "VQGAN reconstruction", "prior", "prior: held-out prompts, Shapes oracle"]
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ def _records(path: pathlib.Path) -> list[bytes]:
         reader.close()
 
 
-def _assert_same_dataset(directory: pathlib.Path, expected: pathlib.Path) -> None:
+def assert_same_dataset(directory: pathlib.Path, expected: pathlib.Path) -> None:
     """Every record of every shard, and every file (shards, plan, metadata, TFDS info), equal byte for byte."""
     files, expected_files = _files(directory), _files(expected)
     assert sorted(files) == sorted(expected_files)
@@ -152,7 +152,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_dataset(reference, models, 
     config = _config(models, shapes_data_dir, tmp_path)
     precompute.precompute(config, on_shard_written=lambda split, shard: resumed.append((split, shard)))
     assert resumed == [("validation", 3), ("heldout", 0), ("heldout", 1), ("heldout", 2)]
-    _assert_same_dataset(directory, expected)
+    assert_same_dataset(directory, expected)
 
 
 @pytest.mark.faults
@@ -167,7 +167,7 @@ def test_an_exception_mid_run_also_resumes(reference, models, shapes_data_dir, t
     with pytest.raises(KeyboardInterrupt):
         precompute.precompute(config, on_shard_written=fail_after_five_shards)
     precompute.precompute(config)
-    _assert_same_dataset(precomputed.dataset_dir(tmp_path, "tiny"), expected)
+    assert_same_dataset(precomputed.dataset_dir(tmp_path, "tiny"), expected)
 
 
 def test_a_complete_dataset_is_left_alone_and_a_different_one_refused(reference, caplog):
@@ -195,7 +195,7 @@ def test_two_processes_write_the_same_dataset(reference, models, shapes_data_dir
                           on_shard_written=lambda split, shard: shards.append((split, shard)))
     assert shards == [("validation", 1), ("validation", 3), ("heldout", 1)]
     precompute.precompute(config, process_index=0, process_count=2)
-    _assert_same_dataset(precomputed.dataset_dir(tmp_path, "tiny"), expected)
+    assert_same_dataset(precomputed.dataset_dir(tmp_path, "tiny"), expected)
 
 
 def _write_folder(root: pathlib.Path) -> None:

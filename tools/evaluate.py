@@ -14,8 +14,11 @@
       canonical captions (SHAPES.md "Scores"), each as mean and std over --seeds, with re-ranking (best of
       --num_candidates) and without. Prompts: the Shapes held-out captions, a --prompts file, or the captions of
       --split. Also writes a markdown table beside the JSON.
+  python tools/evaluate.py fid --generated=DIR --reference=DIR [--fid_mode=clean] [--device=cpu]
+      FID between two image folders through clean-fid (an optional install that needs the Inception weights; see
+      clipgen_jax/evaluation/fid.py); a tools/generate.py output folder contributes its numbered samples only.
 Results are printed as JSON and written to --out (default: <bundle>/eval_<split>.json for a VQGAN; stdout only for
-a CLIP unless --out is given; <prior>/eval_generation.json for a prior).
+a CLIP unless --out is given; <prior>/eval_generation.json for a prior; stdout only for FID unless --out is given).
 """
 
 import json
@@ -24,9 +27,9 @@ import pathlib
 from absl import app, flags
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import checkpointing, pipeline
+from clipgen_jax import checkpointing, cli, pipeline
 from clipgen_jax.data import images, shapes
-from clipgen_jax.evaluation import clip_scores, generation, reconstruction
+from clipgen_jax.evaluation import clip_scores, fid, generation, reconstruction
 from clipgen_jax.models import clip
 from clipgen_jax.training import writer
 
@@ -53,7 +56,12 @@ _GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 1.0, "prior: classifier-f
 _DATA_FIELDS = {name: flags.DEFINE_string(name, None, f"Data source field `{name}` (default: the training data's).")
                 for name in ("source", "name", "data_dir", "folder")}
 
-SUBCOMMANDS = ("vqgan", "clip", "prior")
+_GENERATED = flags.DEFINE_string("generated", None, "fid: folder of generated images (e.g. tools/generate.py --out).")
+_REFERENCE = flags.DEFINE_string("reference", None, "fid: folder of reference images.")
+_FID_MODE = flags.DEFINE_enum("fid_mode", "clean", fid.MODES, "fid: clean-fid's resizing mode.")
+_DEVICE = flags.DEFINE_string("device", "cpu", "fid: torch device for clean-fid's Inception (cpu, cuda).")
+
+SUBCOMMANDS = ("vqgan", "clip", "prior", "fid")
 
 
 def _data_config(metadata: dict):
@@ -123,11 +131,21 @@ def _evaluate_prior() -> tuple[dict, pathlib.Path]:
     return results, out
 
 
+def _evaluate_fid() -> tuple[dict, None]:
+    if not (_GENERATED.value and _REFERENCE.value):
+        cli.fail("fid needs --generated=DIR and --reference=DIR")
+    try:
+        return fid.compute_fid(_GENERATED.value, _REFERENCE.value, mode=_FID_MODE.value, device=_DEVICE.value), None
+    except (fid.FidUnavailable, FileNotFoundError, ValueError) as error:
+        cli.fail(str(error))
+
+
 def main(argv):
     writer.configure_console_logging()
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
         raise app.UsageError(f"usage: evaluate.py {{{'|'.join(SUBCOMMANDS)}}} [flags]")
-    evaluate = {"vqgan": _evaluate_vqgan, "clip": _evaluate_clip, "prior": _evaluate_prior}[argv[1]]
+    evaluate = {"vqgan": _evaluate_vqgan, "clip": _evaluate_clip, "prior": _evaluate_prior,
+                "fid": _evaluate_fid}[argv[1]]
     results, default_out = evaluate()
     out = _OUT.value or default_out
     if out is not None:

@@ -82,8 +82,10 @@ def _method_settings(method: str) -> dict:
             if other != method and flag.present:
                 raise ValueError(f"--{flag.name} applies to --method {other} only, not {method}")
     if method == "prior":
-        return dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                    guidance_scale=_GUIDANCE_SCALE.value)
+        settings = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                        guidance_scale=_GUIDANCE_SCALE.value)
+        pipeline.check_sampling_settings(**settings)  # top_k's upper bound, the prior's vocabulary, once it loads
+        return settings
     if not (_VQGAN.value and _CLIP.value):
         raise ValueError("--method vqgan_clip needs --vqgan DIR and --clip NAME_OR_DIR (there is no prior to take "
                          "them from)")
@@ -99,6 +101,8 @@ def run() -> str:
                                    + (f" (got {' and '.join(given)})" if given else ""))
     method = _METHOD.value
     options = _method_settings(method)
+    num_candidates = DEFAULT_CANDIDATES[method] if _NUM_CANDIDATES.value is None else _NUM_CANDIDATES.value
+    pipeline.check_candidates(num_candidates, _KEEP.value, _BATCH_SIZE.value)
     prompts = sources = None
     if _PROMPTS.value:
         prompts = pipeline.read_prompts_file(_PROMPTS.value)
@@ -114,7 +118,6 @@ def run() -> str:
         generator = pipeline.Pipeline.load(_PRIOR.value, vqgan=_VQGAN.value, clip=_CLIP.value)
     else:
         generator = vqgan_clip.VQGANCLIP.load(_VQGAN.value, _CLIP.value)
-    num_candidates = DEFAULT_CANDIDATES[method] if _NUM_CANDIDATES.value is None else _NUM_CANDIDATES.value
     settings = dict(num_candidates=num_candidates, keep=_KEEP.value, seed=_SEED.value, batch_size=_BATCH_SIZE.value,
                     **options)
     if prompts is not None:

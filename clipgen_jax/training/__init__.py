@@ -25,14 +25,37 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     import jax
 
     from clipgen_jax import locking
+    from clipgen_jax.training import loop
 
     stage = config.get("stage")
     if stage not in TRAINERS:
         raise ValueError(f"config.stage={stage!r} is not a known stage; use one of {sorted(TRAINERS)}")
-    lock_file = locking.lock_path(pathlib.Path(workdir) / LOCK_FILE, jax.process_index())
+    loop.check_train_config(config.train)
+    lock_file = locking.lock_path(pathlib.Path(workdir).absolute() / LOCK_FILE, jax.process_index())
+    # What taking the lock makes (the lock file, the workdir and its missing parents; deepest first) is removed again
+    # when the run fails, the directories only while empty: the stages and the loop check the rest of the config
+    # before they write, so a refused config leaves nothing behind.
+    made = [path for path in (lock_file, *lock_file.parents) if not path.exists()]
     with locking.exclusive(lock_file, f"training workdir {workdir}",
                            "wait for that run to finish (or stop it), or choose another --workdir"):
-        return importlib.import_module(TRAINERS[stage]).train(config, workdir)
+        try:
+            return importlib.import_module(TRAINERS[stage]).train(config, workdir)
+        except BaseException:
+            _remove_unused(made)
+            raise
+
+
+def _remove_unused(made: list) -> None:
+    """Removes the lock file and then each directory made for it, up to the first that is not empty (one the run
+    wrote into). Still under the lock: locking.exclusive makes a process that waited on the removed file retry."""
+    try:
+        for path in made:
+            if path.is_dir():
+                path.rmdir()
+            else:
+                path.unlink()
+    except OSError:
+        pass
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -156,24 +156,32 @@ def _fixed_eval_batch(config: ml_collections.ConfigDict, mesh, stage: Stage) -> 
     return parallel.put_batch(batch, mesh)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: Stage) -> Any:
-    """Trains `stage` to `config.train.steps`, resuming from `workdir` if it holds checkpoints; returns the state."""
-    train_cfg = config.train
+def check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
+    """Refuses loop settings that cannot run; needs nothing loaded (tools/train.py checks them before it writes)."""
     for name in ("steps", "log_every", "checkpoint_every", "max_to_keep"):
         if train_cfg[name] < 1:
             raise ValueError(f"train.{name}={train_cfg[name]} must be at least 1")
     if train_cfg.eval_every < 0:
         raise ValueError(f"train.eval_every={train_cfg.eval_every} must be >= 0 (0 turns evaluation off)")
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = parallel.make_mesh(config.mesh.fsdp)
-    if jax.process_index() == 0:
-        provenance.record(workdir, config.to_dict())
 
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: Stage) -> Any:
+    """Trains `stage` to `config.train.steps`, resuming from `workdir` if it holds checkpoints; returns the state."""
+    train_cfg = config.train
+    check_train_config(train_cfg)
+    workdir = pathlib.Path(workdir)
+    mesh = parallel.make_mesh(config.mesh.fsdp)
+    # The data (whose source, split and settings the iterators check) before anything is written: a config the data
+    # pipeline refuses leaves no provenance, config.json or checkpoints/ behind.
     train_iter = _batch_iterator_factory(stage)(
         config.data, split=train_cfg.train_split,
         batch_size=parallel.global_batch_to_process_batch(train_cfg.batch_size), seed=config.seed,
         shuffle=train_cfg.shuffle)
+    eval_batch = _fixed_eval_batch(config, mesh, stage) if train_cfg.eval_every else None
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        provenance.record(workdir, config.to_dict())
+
     rng = jax.random.PRNGKey(config.seed)
     abstract_state = jax.eval_shape(stage.init_state, rng)
     state_shardings = parallel.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
@@ -195,7 +203,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: S
     replicated = parallel.replicated(mesh)
     train_step = jit_train_step(stage, state_shardings, mesh)
     eval_step = jax.jit(parallel.traced_with_activation_sharding(stage.eval_step, mesh), out_shardings=replicated)
-    eval_batch = _fixed_eval_batch(config, mesh, stage) if train_cfg.eval_every else None
     first_bad_step = jax.device_put(jnp.asarray(-1, jnp.int32), replicated)
     zero_metrics = metric_sums = None  # shaped like the stage's metrics, known once the first batch is read
     block_each_step = parallel.must_block_each_step()

@@ -94,6 +94,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if accumulation < 1 or config.train.batch_size % accumulation:
         raise ValueError(f"optimizer.accumulation_steps={accumulation} must be a positive divisor of "
                          f"train.batch_size={config.train.batch_size}")
+    e = config.eval  # used at the first evaluation, after training has begun: a bad one would stop it there
+    try:
+        pipeline.check_sampling_settings(e.temperature, e.top_k, e.top_p, e.guidance_scale, config.model.vocab_size)
+    except ValueError as error:
+        raise ValueError(f"eval.{error}") from None
 
 
 def check_frozen_models_named(config: ml_collections.ConfigDict) -> None:

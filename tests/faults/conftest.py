@@ -1,15 +1,14 @@
 """The fault suite's fixtures and hooks (its helpers are in faultlib.py).
 
-`python -m pytest -m faults` runs the suite (`make test` includes it); `-m faults_exhaustive` kills at every step and
-in every phase of every save instead of at two drawn points (minutes; deselected unless -m names it).
+`python -m pytest -m faults` runs the suite (`make test` includes it); `-m faults_exhaustive` kills at every step, in
+every phase of every save and before every precompute batch write instead of at the drawn points (tens of minutes;
+deselected unless -m names it).
 """
-
-import pathlib
 
 import numpy as np
 import pytest
 
-from faultlib import FAULT_SEED, SEED_ENV_VAR, VQGAN_STEPS, final_state, run_tool, train_args
+from faultlib import FAULT_SEED, RUNS, SEED_ENV_VAR, final_state, run_tool, train_args
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,20 +29,20 @@ def fault_rng():
     return np.random.default_rng(FAULT_SEED)
 
 
+def _reference(tmp_path_factory, run, data_dir, **frozen_models):
+    """An uninterrupted `run` through tools/train.py: (workdir, every leaf of its final train state)."""
+    workdir = tmp_path_factory.mktemp("faults") / "reference"
+    result = run_tool("tools/train.py", *train_args(workdir, data_dir, run, **frozen_models))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, final_state(workdir, run)
+
+
 @pytest.fixture(scope="session")
 def vqgan_reference(tmp_path_factory, shapes_data_dir):
-    """An uninterrupted tiny VQGAN run through tools/train.py: (workdir, every leaf of its final train state)."""
-    workdir = tmp_path_factory.mktemp("faults") / "reference"
-    result = run_tool("tools/train.py", *train_args(workdir, shapes_data_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir, final_state(workdir, VQGAN_STEPS)
+    return _reference(tmp_path_factory, RUNS["vqgan"], shapes_data_dir)
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory) -> pathlib.Path:
-    """A tiny random VQGAN bundle (`vqgan/`) and CLIP (`clip/`), as test_pipeline.tiny_models makes them."""
-    from test_pipeline import tiny_models
-
-    root = tmp_path_factory.mktemp("models")
-    tiny_models(root)
-    return root
+def prior_reference(tmp_path_factory, prior_dataset):
+    vqgan, clip, data_dir = prior_dataset
+    return _reference(tmp_path_factory, RUNS["prior"], data_dir, vqgan=vqgan, clip=clip)

@@ -1,8 +1,9 @@
 """What the fault suite's tests share (its fixtures are in conftest.py): the logged seed that draws kill points,
-tools run as a user runs them (optionally through inject.py), the one-line-error check, the tiny VQGAN run that
+tools run as a user runs them (optionally through inject.py), the one-line-error check, the tiny stage runs that
 interrupted runs must reproduce, and tiny precompute configs. A module of its own rather than conftest.py, because
-`from conftest import ...` gets whichever conftest.py pytest loaded last (tests/training has one too)."""
+`from conftest import ...` gets whichever conftest.py pytest loaded last (tests/ has one too)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -24,11 +25,33 @@ INJECT = str(pathlib.Path(__file__).with_name("inject.py"))
 SEED_ENV_VAR = "CLIPGEN_FAULT_SEED"
 FAULT_SEED = int(os.environ.get(SEED_ENV_VAR) or secrets.randbelow(2**31))
 
-# The stage run that the kill and corruption tests interrupt: the tiny VQGAN (GAN, EMA, code usage: every kind of
-# state a stage has), 8 steps with a checkpoint every 2 (of which the newest 3 are kept).
-VQGAN_CONFIG = "configs/vqgan.py:tiny"
-VQGAN_STEPS = 8
-VQGAN_OVERRIDES = dict(steps=VQGAN_STEPS, checkpoint_every=2, eval_every=0)
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """A stage's run that the kill and corruption tests interrupt, and that the interrupted runs must reproduce."""
+
+    config: str
+    train: dict  # --config.train.* settings: steps, checkpoint_every, ...
+    # The longest a kill "during a step" waits after the step's batch is requested: well within the time the rest of
+    # the run takes, so that the kill lands before the run ends.
+    max_kill_delay: float
+
+    @property
+    def steps(self) -> int:
+        return self.train["steps"]
+
+    @property
+    def save_steps(self) -> list[int]:
+        return list(range(self.train["checkpoint_every"], self.steps + 1, self.train["checkpoint_every"]))
+
+
+# The tiny VQGAN (GAN, EMA, code usage: every kind of state a stage has), 8 steps; the tiny prior (a precomputed
+# dataset and two frozen models, a stage of another kind), 6 steps of a few milliseconds each. A checkpoint every 2
+# steps (of which the newest 3 are kept), no evaluation.
+RUNS = {
+    "vqgan": StageRun("configs/vqgan.py:tiny", dict(steps=8, checkpoint_every=2, eval_every=0), max_kill_delay=0.5),
+    "prior": StageRun("configs/prior.py:tiny", dict(steps=6, checkpoint_every=2, eval_every=0), max_kill_delay=0.05),
+}
 
 
 def tool_command(tool: str, *args: str, fault: dict | None = None) -> list[str]:
@@ -54,9 +77,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str, *, 
     return lines[-1]
 
 
-def train_args(workdir: pathlib.Path, data_dir: pathlib.Path, config: str = VQGAN_CONFIG, **overrides) -> list[str]:
-    overrides = {**(VQGAN_OVERRIDES if config == VQGAN_CONFIG else {}), **overrides}
+def train_args(workdir: pathlib.Path, data_dir: pathlib.Path, config: str | StageRun = RUNS["vqgan"], *,
+               vqgan: pathlib.Path | None = None, clip: pathlib.Path | None = None, **overrides) -> list[str]:
+    """tools/train.py flags: `config` a StageRun (with its train settings) or a config file spec; `vqgan` and `clip`
+    the frozen models a prior's precomputed dataset (`data_dir`) was made with; `overrides` more train settings."""
+    if isinstance(config, StageRun):
+        config, overrides = config.config, {**config.train, **overrides}
+    frozen = {name: path for name, path in (("vqgan", vqgan), ("clip", clip)) if path is not None}
     return [f"--config={config}", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+            *(f"--config.{name}={path}" for name, path in frozen.items()),
             *(f"--config.train.{key}={value}" for key, value in overrides.items())]
 
 
@@ -69,16 +98,19 @@ def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
         checkpointer.close()
 
 
-def final_state(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
-    """Every leaf of the tiny VQGAN's train state saved at `step` (params, both optimizers, EMA, code usage, ...)."""
-    from clipgen_jax.training import vqgan
+def final_state(workdir: pathlib.Path, run: StageRun = RUNS["vqgan"]) -> list[np.ndarray]:
+    """Every leaf of `run`'s train state saved at its last step (params, optimizer states, EMA, code usage, ...)."""
+    from clipgen_jax.training import prior, vqgan
 
-    stage = vqgan.VQGANStage(training.load_config(VQGAN_CONFIG))
-    abstract = jax.eval_shape(stage.init_state, jax.random.PRNGKey(stage.config.seed))
+    config = training.load_config(run.config)
+    config.train.update(run.train)
+    # The state's structure from the config alone: PriorSteps reads neither the prior's dataset nor its models.
+    stage = prior.PriorSteps(config) if config.stage == "prior" else vqgan.VQGANStage(config)
+    abstract = jax.eval_shape(stage.init_state, jax.random.PRNGKey(config.seed))
     abstract = checkpointing.abstract_with_shardings(abstract, parallel.state_shardings(abstract, parallel.make_mesh()))
     checkpointer = checkpointing.Checkpointer(workdir / "checkpoints")
     try:
-        state, _ = checkpointer.restore(step, abstract)
+        state, _ = checkpointer.restore(run.steps, abstract)
     finally:
         checkpointer.close()
     return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
@@ -107,9 +139,12 @@ def precompute_config(models_dir: pathlib.Path, out: pathlib.Path, data_dir: pat
 
 
 def precompute_args(config) -> list[str]:
-    """tools/precompute.py flags giving `config` (a folder config from precompute_config)."""
-    assert config.data.source == "folder"
+    """tools/precompute.py flags giving `config` (one from precompute_config)."""
+    if config.data.source == "folder":
+        source = ["--config.data.source=folder", f"--config.data.folder={config.data.folder}",
+                  "--config.splits=('train',)", f"--config.batch_size={config.batch_size}",
+                  f"--config.shard_size={config.shard_size}"]
+    else:
+        source = [f"--config.data.data_dir={config.data.data_dir}"]
     return ["--config=configs/precompute.py:tiny", f"--config.vqgan={config.vqgan}", f"--config.clip={config.clip}",
-            f"--config.output.data_dir={config.output.data_dir}", "--config.data.source=folder",
-            f"--config.data.folder={config.data.folder}", "--config.splits=('train',)",
-            f"--config.batch_size={config.batch_size}", f"--config.shard_size={config.shard_size}"]
+            f"--config.output.data_dir={config.output.data_dir}", *source]

@@ -6,6 +6,9 @@ FAULT_JSON is one of
   {"kill": "save_started", "step": N}       SIGKILL as soon as the save of step N returns: its files are being written
   {"kill": "save_unhashed", "step": N}      SIGKILL after every file of step N is written, before its manifest
   {"kill": "save_uncommitted", "step": N}   SIGKILL after step N's manifest is written, before Orbax commits it
+  {"kill": "call", "target": "module:function", "after": K}
+                                            SIGKILL at the function's (K + 1)-th call, before it runs (e.g.
+                                            clipgen_jax.precompute:_write_batch: while a shard is being written)
   {"enospc": "module:function", "after": K} the function raises OSError(ENOSPC) from its (K + 1)-th call on
 and the tool (e.g. tools/train.py) then runs as `python TOOL ARGS...` would. A kill is SIGKILL to this process, which
 has no chance to clean up: what a power cut or the OOM killer leaves.
@@ -30,7 +33,7 @@ def _die():
 
 def _kill_during_step(step: int, delay: float) -> None:
     from clipgen_jax import checkpointing
-    from clipgen_jax.data import images
+    from clipgen_jax.training import loop
 
     resumed_at = [0]
     restore_latest = checkpointing.Checkpointer.restore_latest
@@ -56,14 +59,20 @@ def _kill_during_step(step: int, delay: float) -> None:
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-    make_batch_iterator = images.make_batch_iterator
+    # Wraps whatever the stage reads its batches with (images, precomputed tokens and embeddings, ...).
+    batch_iterator_factory = loop._batch_iterator_factory
 
-    def killing_make_batch_iterator(*args, **kwargs):
-        iterator = make_batch_iterator(*args, **kwargs)
-        return iterator if kwargs.get("num_epochs") == 1 else KillingIterator(iterator)  # not the evaluation batch
+    def killing_batch_iterator_factory(stage):
+        make_batch_iterator = batch_iterator_factory(stage)
+
+        def killing_make_batch_iterator(*args, **kwargs):
+            iterator = make_batch_iterator(*args, **kwargs)
+            return iterator if kwargs.get("num_epochs") == 1 else KillingIterator(iterator)  # not the evaluation batch
+
+        return killing_make_batch_iterator
 
     checkpointing.Checkpointer.restore_latest = remembering_restore_latest
-    images.make_batch_iterator = killing_make_batch_iterator
+    loop._batch_iterator_factory = killing_batch_iterator_factory
 
 
 def _kill_during_save(kind: str, step: int) -> None:
@@ -93,19 +102,24 @@ def _kill_during_save(kind: str, step: int) -> None:
     checkpointing.write_manifest = killing_write_manifest
 
 
-def _disk_full(target: str, after: int) -> None:
+def _at_call(target: str, after: int, fault) -> None:
+    """`fault(target)` runs at each call of `target` ("module:function") from its (after + 1)-th on, before it."""
     module_name, name = target.split(":")
     module = importlib.import_module(module_name)
     function = getattr(module, name)
     calls = [0]
 
-    def failing(*args, **kwargs):
+    def faulty(*args, **kwargs):
         calls[0] += 1
         if calls[0] > after:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected into {target})")
+            fault(target)
         return function(*args, **kwargs)
 
-    setattr(module, name, failing)
+    setattr(module, name, faulty)
+
+
+def _disk_full(target: str) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected into {target})")
 
 
 def main() -> None:
@@ -116,8 +130,10 @@ def main() -> None:
         _kill_during_step(fault["step"], fault.get("delay", 0.0))
     elif fault.get("kill", "").startswith("save_"):
         _kill_during_save(fault["kill"], fault["step"])
+    elif fault.get("kill") == "call":
+        _at_call(fault["target"], fault.get("after", 0), lambda target: _die())
     elif "enospc" in fault:
-        _disk_full(fault["enospc"], fault.get("after", 0))
+        _at_call(fault["enospc"], fault.get("after", 0), _disk_full)
     else:
         raise SystemExit(f"unknown fault {fault}")
     sys.argv = [tool, *args]

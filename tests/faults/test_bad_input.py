@@ -1,7 +1,7 @@
-"""Bad configs and command-line input: each is a one-line `error: ...` saying what is wrong and what to do, exit
-status 1, before anything is loaded or written (a config value that only the stage or the data pipeline can check:
-before any checkpoint). test_generate_tool.py covers generate's prompt problems, empty lines in a prompts file among
-them; test_precompute.py covers precompute's config checks."""
+"""Bad configs and command-line input: each is a one-line `error: ...` saying what is wrong and what to do, exit status
+1, before anything is loaded or written (a config value that only the stage or the data pipeline can check: after they
+load, still before anything is written). test_generate_tool.py covers generate's prompt problems, empty lines in a
+prompts file among them; test_precompute.py covers precompute's config checks."""
 
 import pytest
 
@@ -24,11 +24,23 @@ def test_train_refuses_bad_config_overrides(override, expected, shapes_data_dir,
     assert not (tmp_path / "run").exists()
 
 
-def test_train_refuses_a_bad_config_value_before_training(shapes_data_dir, tmp_path):
+@pytest.mark.parametrize("override, expected", [
+    ("--config.train.steps=-1", r"train.steps=-1 must be at least 1"),  # checked before the workdir's lock is taken
+    ("--config.data.source=nope", r"data.source='nope' is not one of \('shapes', 'tfds', 'folder'\)"),  # after
+], ids=["loop_setting", "data_setting"])
+def test_train_refuses_a_bad_config_value_and_leaves_no_workdir(override, expected, shapes_data_dir, tmp_path):
+    """Not even the lock file, config.json or provenance/: the new workdir (and its new parent) does not exist."""
+    result = run_tool("tools/train.py", *train_args(tmp_path / "runs" / "run", shapes_data_dir, config=TINY), override)
+    assert_one_line_error(result, expected)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_config_leaves_an_existing_workdir_as_it_was(shapes_data_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("kept")
     result = run_tool("tools/train.py", *train_args(tmp_path, shapes_data_dir, config=TINY),
                       "--config.data.source=nope")
-    assert_one_line_error(result, r"data.source='nope' is not one of \('shapes', 'tfds', 'folder'\)")
-    assert not (tmp_path / "checkpoints").exists()
+    assert_one_line_error(result, r"data.source='nope' is not one of")
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("workdir, expected", [
@@ -52,6 +64,22 @@ def test_generate_refuses_a_prompts_file_that_is_not_utf8(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["prompts.txt"]
 
 
+@pytest.mark.parametrize("flag, expected", [
+    ("--top_k=0", r"top_k=0 must be at least 1"),
+    ("--top_p=1.5", r"top_p=1.5 must be in \(0, 1\]"),
+    ("--temperature=-1", r"temperature=-1.0 must be a number >= 0"),
+    ("--guidance_scale=-2", r"guidance_scale=-2.0 must be a number >= 0"),
+    ("--keep=3", r"keep=3 must be between 1 and num_candidates=2"),
+], ids=["top_k_0", "top_p_1.5", "negative_temperature", "negative_guidance_scale", "keep_above_candidates"])
+def test_generate_refuses_absurd_sampling_settings_before_loading_a_model(flag, expected, tmp_path):
+    """The prior named does not exist: loading it would fail with another message, so the settings were refused
+    first. Nothing is written, neither the output directory nor anything in the current one."""
+    result = run_tool("tools/generate.py", "--text=a red circle", f"--prior={tmp_path / 'no_prior'}",
+                      f"--out={tmp_path / 'out'}", "--num_candidates=2", flag, cwd=tmp_path)
+    assert_one_line_error(result, expected)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def pipe(models_dir, tmp_path_factory):
     from test_pipeline import save_prior_bundle
@@ -60,12 +88,8 @@ def pipe(models_dir, tmp_path_factory):
     return pipeline.Pipeline.load(bundle)
 
 
-@pytest.mark.parametrize("setting", [dict(top_k=0), dict(top_p=1.5), dict(temperature=-1.0)],
-                         ids=["top_k_0", "top_p_1.5", "negative_temperature"])
-def test_absurd_sampling_settings_are_refused_before_sampling(pipe, setting):
-    """A ValueError of one line, raised before anything is sampled or written; tools/generate.py prints such errors
-    as `error: ...` with exit status 1 and no output (test_generate_tool.py's too_long case: also raised after the
-    models load). Not run through the tool here: it would load three models to show the same line."""
-    (name, value), = setting.items()
-    with pytest.raises(ValueError, match=rf"^{name}={value} must be [^\n]*$"):
-        pipe.generate(["a red circle"], num_candidates=2, seed=0, batch_size=2, **setting)
+def test_a_top_k_beyond_the_vocabulary_is_refused_before_sampling(pipe):
+    """The bound tools/generate.py cannot check before the prior loads; Pipeline.generate checks every setting
+    (tools/generate.py prints the ValueError as `error: ...` with exit status 1 and no output)."""
+    with pytest.raises(ValueError, match=r"^top_k=65 must be between 1 and the vocabulary size 64$"):
+        pipe.generate(["a red circle"], num_candidates=2, seed=0, batch_size=2, top_k=65)

@@ -1,7 +1,8 @@
 """Damaged checkpoints (a truncated file, a flipped byte, a deleted file, an emptied step directory): resuming skips
 them with a warning naming them, falls back to the newest checkpoint that is intact, moves the damaged ones aside so
 that the run can save those steps again, and never restores garbage; only checkpoints are damaged, the rest of a
-workdir is not involved. A flipped byte in array data is the case Orbax alone reads back as wrong values."""
+workdir is not involved. A flipped byte in array data is the case Orbax alone reads back as wrong values. Loading a
+prior for generation (Pipeline.load) checks the same manifests, and those of inference bundles."""
 
 import logging
 import shutil
@@ -11,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clipgen_jax import checkpointing, training
-from faultlib import VQGAN_CONFIG, VQGAN_OVERRIDES, VQGAN_STEPS, assert_bitwise_equal, final_state
+from clipgen_jax import checkpointing, pipeline, training
+from faultlib import RUNS, assert_bitwise_equal, final_state
 
 pytestmark = pytest.mark.faults
 
@@ -134,18 +135,48 @@ def test_training_resumes_past_a_flipped_byte_and_ends_as_if_nothing_happened(vq
     """A finished tiny VQGAN run whose newest checkpoint (step 8) has one flipped bit in its largest array file:
     the rerun restores step 6 instead, trains steps 7 and 8 again and ends with the uninterrupted run's state."""
     reference_dir, expected = vqgan_reference
-    workdir = tmp_path / "run"
+    run, workdir = RUNS["vqgan"], tmp_path / "run"
     shutil.copytree(reference_dir, workdir)
     shutil.rmtree(workdir / checkpointing.EXPORT_DIR)
-    damaged = _largest_file(workdir / "checkpoints" / str(VQGAN_STEPS))
+    damaged = _largest_file(workdir / "checkpoints" / str(run.steps))
     _flip(damaged)
-    config = training.load_config(VQGAN_CONFIG)
-    config.train.update(VQGAN_OVERRIDES)
+    config = training.load_config(run.config)
+    config.train.update(run.train)
     config.data.data_dir = str(shapes_data_dir)
     with caplog.at_level(logging.INFO):
         training.train(config, str(workdir))
     assert f"{damaged} does not match the SHA-256 it was written with" in caplog.text
-    assert f"resumed from {workdir / 'checkpoints'} at step {VQGAN_STEPS - 2}" in caplog.text
-    assert (workdir / "checkpoints" / f"{VQGAN_STEPS}.unreadable").is_dir()
-    assert_bitwise_equal(final_state(workdir, VQGAN_STEPS), expected)
+    assert f"resumed from {workdir / 'checkpoints'} at step {run.steps - 2}" in caplog.text
+    assert (workdir / "checkpoints" / f"{run.steps}.unreadable").is_dir()
+    assert_bitwise_equal(final_state(workdir, run), expected)
     assert checkpointing.is_bundle(workdir / checkpointing.EXPORT_DIR)
+
+
+@pytest.mark.parametrize("damaged", ["newest_checkpoint", "export", "bundle"])
+def test_loading_a_prior_checks_its_files_as_resuming_does(damaged, prior_reference, tmp_path, caplog):
+    """A flipped bit in the largest file of a finished tiny prior run: Pipeline.load of the workdir skips a damaged
+    newest checkpoint (the export removed, so that the checkpoint is what loads) or a damaged export with a warning
+    naming the file, and loads the newest intact one, without moving anything; a damaged bundle named directly has
+    nothing to fall back to and is refused."""
+    reference_dir, _ = prior_reference
+    run, workdir = RUNS["prior"], tmp_path / "run"
+    shutil.copytree(reference_dir, workdir)
+    export = workdir / checkpointing.EXPORT_DIR
+    if damaged == "newest_checkpoint":
+        shutil.rmtree(export)
+        flipped, loads_step = _largest_file(workdir / "checkpoints" / str(run.steps)), run.steps - 2
+    else:
+        flipped, loads_step = _largest_file(export / checkpointing.BUNDLE_PARAMS), run.steps
+    _flip(flipped)
+    if damaged == "bundle":
+        with pytest.raises(checkpointing.CorruptCheckpointError, match=f"{flipped} does not match the SHA-256"):
+            pipeline.Pipeline.load(export)
+        return
+    with caplog.at_level(logging.WARNING):
+        pipe = pipeline.Pipeline.load(workdir)
+    assert f"{flipped} does not match the SHA-256 it was written with; trying an older prior" in caplog.text
+    assert pipe.metadata["step"] == loads_step
+    expected = pipeline._restore_checkpoint_params(reference_dir, loads_step, pipe.prior)  # the pristine files
+    assert_bitwise_equal([np.asarray(leaf) for leaf in jax.tree.leaves(pipe.prior_params)],
+                         [np.asarray(leaf) for leaf in jax.tree.leaves(expected)])
+    assert flipped.is_file() and not list((workdir / "checkpoints").glob(f"*{checkpointing.UNREADABLE_SUFFIX}"))

@@ -19,7 +19,7 @@ from clipgen_jax.training import prior as prior_training
 
 @pytest.fixture
 def dataset(prior_dataset):
-    """conftest.prior_dataset: (vqgan path, clip path, data_dir)."""
+    """tests/conftest.py prior_dataset: (vqgan path, clip path, data_dir)."""
     return prior_dataset
 
 
