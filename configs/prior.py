@@ -13,8 +13,8 @@ Presets:
                no re-ranking) and logs the oracle's accuracies as eval/shapes/* with a grid in DIR/images.
                1500 steps of batch 64. Hardware: 2 CPU cores, within 10 minutes including compilation:
                benchmarks/prior_speed.py measured 2.9 steps/s (2.6 s compilation) for this model and batch with the
-               cores shared with another job, so about 9 minutes then; measured in `make demo` (2026-11-27): 5.9
-               minutes, held-out prompts re-ranked 24.0% all-attribute (README "Shapes results").
+               cores shared with another job, so about 9 minutes then; measured in `make demo` (2026-11-28): 5.0
+               minutes, held-out prompts re-ranked 19.1% all-attribute (README "Shapes results").
   gpt2_medium  the paper's prior (24 layers, width 1024, 16 heads, 256 tokens of 16384 codes) on ImageNet precomputed
                by configs/precompute.py:imagenet (f16 VQGAN, OpenAI ViT-B/32), bf16 compute, scanned layers.
                Hardware: 8+ accelerators for days (the paper trains for hundreds of thousands of steps).
