@@ -288,9 +288,9 @@ def _compare(clock: _Clock, out: pathlib.Path, prior_config, main: dict, previou
     the previous run's keeps its scores."""
     table = {METHOD_LABELS[key].format(num_candidates=num_candidates): main[key] for key in METHOD_LABELS}
 
-    def score(key: str, label: str, method_source, settings: dict, candidates: int, **sampling) -> None:
+    def score(key: str, label: str, method_source, row_settings: dict, candidates: int, **sampling) -> None:
         earlier = previous.get(label)
-        if earlier is not None and earlier.get("settings") == settings:
+        if earlier is not None and earlier.get("settings") == row_settings:
             table[label] = clock.run(f"compare_evaluate_{key}", True, lambda: earlier)
             return
         evaluate, _, _ = _heldout_evaluation(method_source, eval_clip, reference_config, seeds=seeds,
@@ -299,7 +299,7 @@ def _compare(clock: _Clock, out: pathlib.Path, prior_config, main: dict, previou
         method = generation.pipeline_method(method_source, batch_size=SAMPLING_BATCH, **sampling)
         table[label] = clock.run(f"compare_evaluate_{key}", False,
                                  lambda: evaluate({label: (method, candidates)})[label])
-        table[label]["settings"] = settings
+        table[label]["settings"] = row_settings
 
     for key, label, cond, guidance_scale in COMPARE_PRIORS:
         config = prior_config.copy_and_resolve_references()
