@@ -82,22 +82,30 @@ def pipe(bundle):
 PROMPTS = ["a small red circle in the top left on a black background", "a large blue square in the center"]
 
 
-def test_generate_returns_the_best_candidates_ranked_by_clip_similarity(pipe):
-    assert pipe.grid_shape == (16, 16) and pipe.image_size == 32
-    all_images, all_scores = pipe.generate(PROMPTS, num_candidates=3, keep=3, seed=0, batch_size=4)
-    images, scores = pipe.generate(PROMPTS, num_candidates=3, keep=2, seed=0, batch_size=4)
+def check_ranked_generation(generate, clip_model, atol: float):
+    """The generate contract shared by Pipeline and VQGANCLIP, on PROMPTS with 3 candidates: `generate(keep, seed)`
+    returns uint8 images and float32 scores, best first; keep=2 is the first two of the same three candidates; the
+    scores are the CLIP similarity of each returned uint8 image and its prompt; the candidates differ. Returns
+    (images kept 2, scores kept 2, all images, all scores) of seed 0."""
+    all_images, all_scores = generate(keep=3, seed=0)
+    images, scores = generate(keep=2, seed=0)
     assert images.shape == (2, 2, 32, 32, 3) and images.dtype == np.uint8
     assert scores.shape == (2, 2) and scores.dtype == np.float32
     assert np.all(np.diff(all_scores, axis=1) <= 0)  # best first
-    # keep=2 is the first two of the same three candidates (same seed, same batches).
     np.testing.assert_array_equal(images, all_images[:, :2])
     np.testing.assert_array_equal(scores, all_scores[:, :2])
-    # The scores are CLIP's cosine similarity between each saved (uint8) image and its prompt.
-    image_emb = pipe.clip.embed_images(all_images.reshape(-1, 32, 32, 3).astype(np.float32) / 127.5 - 1.0)
-    text_emb = pipe.clip.embed_texts(PROMPTS)
-    expected = np.einsum("pkd,pd->pk", image_emb.reshape(2, 3, -1), text_emb)
-    np.testing.assert_allclose(all_scores, expected, atol=1e-5)
-    assert len({image.tobytes() for image in all_images.reshape(-1, 32, 32, 3)}) == 6  # distinct samples
+    image_emb = clip_model.embed_images(all_images.reshape(-1, 32, 32, 3).astype(np.float32) / 127.5 - 1.0)
+    expected = np.einsum("pkd,pd->pk", image_emb.reshape(2, 3, -1), clip_model.embed_texts(PROMPTS))
+    np.testing.assert_allclose(all_scores, expected, atol=atol)
+    assert len({image.tobytes() for image in all_images.reshape(-1, 32, 32, 3)}) == 6  # distinct candidates
+    return images, scores, all_images, all_scores
+
+
+def test_generate_returns_the_best_candidates_ranked_by_clip_similarity(pipe):
+    assert pipe.grid_shape == (16, 16) and pipe.image_size == 32
+    images, _, _, _ = check_ranked_generation(
+        lambda keep, seed: pipe.generate(PROMPTS, num_candidates=3, keep=keep, seed=seed, batch_size=4),
+        pipe.clip, atol=1e-5)
     again, _ = pipe.generate(PROMPTS, num_candidates=3, keep=2, seed=0, batch_size=4)
     np.testing.assert_array_equal(again, images)
     other_seed, _ = pipe.generate(PROMPTS, num_candidates=3, keep=2, seed=1, batch_size=4)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_generate_tool import PROMPTS, check_two_prompts_two_kept
-from test_pipeline import tiny_models
+from test_pipeline import check_ranked_generation, tiny_models
 
 from clipgen_jax import pipeline, vqgan_clip
 
@@ -71,18 +71,9 @@ def test_outputs_are_vqgan_decodings_of_codebook_tokens(method):
 
 
 def test_seeds_reproduce_and_generate_ranks_like_the_pipeline(method):
-    all_images, all_scores = method.generate(PROMPTS, num_candidates=3, keep=3, seed=0, settings=FAST)
-    images, scores = method.generate(PROMPTS, num_candidates=3, keep=2, seed=0, settings=FAST)
-    assert images.shape == (2, 2, 32, 32, 3) and images.dtype == np.uint8
-    assert scores.shape == (2, 2) and scores.dtype == np.float32
-    assert np.all(np.diff(all_scores, axis=1) <= 0)  # best first
-    np.testing.assert_array_equal(images, all_images[:, :2])
-    np.testing.assert_array_equal(scores, all_scores[:, :2])
-    # The scores are CLIP's similarity between each returned uint8 image and its prompt, as the pipeline's are.
-    image_emb = method.clip.embed_images(all_images.reshape(-1, 32, 32, 3).astype(np.float32) / 127.5 - 1.0)
-    expected = np.einsum("pkd,pd->pk", image_emb.reshape(2, 3, -1), method.clip.embed_texts(PROMPTS))
-    np.testing.assert_allclose(all_scores, expected, atol=1e-4)
-    assert len({image.tobytes() for image in all_images.reshape(-1, 32, 32, 3)}) == 6  # distinct candidates
+    images, _, all_images, all_scores = check_ranked_generation(
+        lambda keep, seed: method.generate(PROMPTS, num_candidates=3, keep=keep, seed=seed, settings=FAST),
+        method.clip, atol=1e-4)
     # A candidate's key is (seed, prompt, candidate): other batchings give the same candidates.
     rebatched, rebatched_scores = method.generate(PROMPTS, num_candidates=3, keep=3, seed=0, batch_size=4,
                                                   settings=FAST)
