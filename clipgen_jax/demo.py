@@ -381,12 +381,16 @@ def markdown(results: dict) -> str:
         f"Backend: {results['backend']}.", "",
         "## Stage 1: VQGAN, held-out combinations", "",
         "| images | PSNR (dB) | SSIM | codebook usage | perplexity | oracle agreement: all | "
-        + " | ".join(shapes.ATTRIBUTE_NAMES) + " |",
-        "|---" * (6 + len(shapes.ATTRIBUTE_NAMES)) + "|",
+        + " | ".join(shapes.ATTRIBUTE_NAMES) + " | background pixels exact | agreement, background snapped |",
+        "|---" * (8 + len(shapes.ATTRIBUTE_NAMES)) + "|",
         "| {} | {:.2f} | {:.3f} | {:.1%} | {:.0f} | {:.1%} | ".format(
             heldout["num_images"], heldout["psnr"], heldout["ssim"], heldout["codebook_usage"],
             heldout["perplexity"], heldout["oracle_agreement/all"])
-        + " | ".join(f"{heldout[f'oracle_agreement/{name}']:.1%}" for name in shapes.ATTRIBUTE_NAMES) + " |",
+        + " | ".join(f"{heldout[f'oracle_agreement/{name}']:.1%}" for name in shapes.ATTRIBUTE_NAMES)
+        + f" | {heldout['background_exact']:.1%} | {heldout['oracle_agreement_background_snapped/all']:.1%} |", "",
+        "The last two columns are diagnostics, not scores: the fraction of background pixels reconstructed exactly, "
+        f"and the agreement after reconstruction pixels within L1 {reconstruction.BACKGROUND_SNAP_L1} (of 765) of the "
+        "background are set to it (how much of the disagreement faint background noise explains).",
         "", "## CLIP", "",
         f"{'Trained by this demo' if clip['trained_by_demo'] else 'Frozen, not trained here'}: `{clip['name']}` "
         f"({clip['embed_dim']}-d embeddings, weights {clip['weights_hash'][:12]}). It conditions the prior and "

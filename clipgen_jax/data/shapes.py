@@ -344,6 +344,12 @@ def _match_shape_and_size(coverage: np.ndarray, centroid_xy: tuple[float, float]
     return min(errors, key=errors.get)
 
 
+def border_median(image: np.ndarray) -> np.ndarray:
+    """Per-channel median [3] of an image's border pixels (float32): its background colour on a Shapes image."""
+    pixels = np.asarray(image, np.float32)
+    return np.median(np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]]), axis=0)
+
+
 def oracle(image: np.ndarray) -> OracleResult:
     """Read the attributes back out of one image (uint8 [S, S, 3]).
 
@@ -358,8 +364,7 @@ def oracle(image: np.ndarray) -> OracleResult:
     image_size = image.shape[0]
     pixels = image.astype(np.float32)
 
-    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
-    background = _nearest(_BACKGROUND_PALETTE, np.median(border, axis=0))
+    background = _nearest(_BACKGROUND_PALETTE, border_median(pixels))
     background_rgb = _BACKGROUND_PALETTE[background]
 
     distance = np.abs(pixels - background_rgb).sum(axis=-1)

@@ -50,5 +50,27 @@ def test_identity_reconstruction_agrees_everywhere_and_blank_agrees_nowhere():
     assert perfect["oracle_agreement/all"] == 1.0 and perfect["ssim"] == pytest.approx(1.0)
     assert perfect["psnr"] == pytest.approx(100.0)  # MSE floored at 1e-10
     assert perfect["codebook_usage"] == 0.25 and perfect["perplexity"] == pytest.approx(1.0)
+    assert perfect["background_exact"] == 1.0 and perfect["oracle_agreement_background_snapped/all"] == 1.0
     blank = reconstruction.evaluate(lambda x: (np.zeros_like(x), None), [batch], shapes_oracle=True)
     assert blank["oracle_agreement/all"] == 0.0  # "no object" is wrong on every attribute
+
+
+def _background_shifted(images_u8, per_channel):
+    """Every background pixel moved `per_channel` levels towards mid-gray (white down, black and gray up)."""
+    background = np.stack([shapes.border_median(image) for image in images_u8])[:, None, None, :]
+    is_background = np.all(images_u8 == background, axis=-1, keepdims=True)
+    shifted = background + np.where(background > 128, -per_channel, per_channel)
+    return np.where(is_background, shifted, images_u8).astype(np.uint8)
+
+
+def test_background_diagnostics_snap_faint_noise_only():
+    inputs_u8 = image_metrics.to_uint8(shapes_batch()["image"])
+    # 3 levels per channel (L1 9 <= BACKGROUND_SNAP_L1) snap back; 5 (L1 15) do not.
+    exact, snapped = reconstruction.background_diagnostics(inputs_u8, _background_shifted(inputs_u8, 3))
+    np.testing.assert_array_equal(exact, 0.0)
+    assert snapped.all()
+    far = _background_shifted(inputs_u8, 5)
+    exact, snapped = reconstruction.background_diagnostics(inputs_u8, far)
+    np.testing.assert_array_equal(snapped, reconstruction.oracle_agreement(inputs_u8, far))
+    exact, _ = reconstruction.background_diagnostics(inputs_u8, inputs_u8)
+    np.testing.assert_array_equal(exact, 1.0)

@@ -125,3 +125,16 @@ def test_foreground_weights_lift_the_object_and_its_outline_only():
     expected = np.ones((12, 12))
     expected[3:8, 4:9] = 1.0 + 9.0 / 3.0  # the square dilated by one pixel
     np.testing.assert_allclose(weights, expected, rtol=1e-6)
+
+
+def test_image_gradient_loss_sees_a_blurred_edge_that_a_constant_offset_hides():
+    image = np.zeros((1, 4, 4, 1), np.float32)
+    image[0, :, 2:] = 1.0  # a vertical edge between columns 1 and 2
+    offset = image + 0.5  # every pixel wrong by 0.5, every difference right
+    assert float(vqgan_training._image_gradient_l1(jnp.asarray(image), jnp.asarray(offset))) == 0.0
+    blurred = image.copy()
+    blurred[0, :, 1] = 0.5  # the edge spread over two columns
+    # Horizontal differences per row: image (0, 1, 0), blurred (0.5, 0.5, 0): errors summing to 1 in each of 4 rows,
+    # over 12 differences; the vertical differences are all 0 in both.
+    np.testing.assert_allclose(vqgan_training._image_gradient_l1(jnp.asarray(image), jnp.asarray(blurred)), 4.0 / 12,
+                               rtol=1e-6)
