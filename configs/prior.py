@@ -67,8 +67,8 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
 
     if preset == "shapes":
         # Held-out prompts, re-ranked, 2400 steps on the same tokens (README "Shapes results"): peak 2e-3 with 4
-        # prefix tokens 42.4% all-attribute; 1 prefix token 34.7% (2e-3), 38.2% (3e-3), 34.0% (1e-3).
-        config.model.num_prefix_tokens = 4
+        # prefix tokens (the model preset) 42.4% all-attribute; 1 prefix token 34.7% (2e-3), 38.2% (3e-3), 34.0%
+        # (1e-3).
         config.optimizer.learning_rate = 2e-3
         config.train.update(steps=2400, batch_size=64, eval_batch_size=256, log_every=50, eval_every=500,
                             checkpoint_every=500)
