@@ -11,10 +11,9 @@ Presets:
                (clipgen_jax/models/prior.py PRESETS). Conditioned on image embeddings only (the language-free
                method); every 500 steps it samples the 96 held-out canonical prompts (text embeddings, 1 sample each,
                no re-ranking) and logs the oracle's accuracies as eval/shapes/* with a grid in DIR/images.
-               4 prefix tokens, 2400 steps of batch 64 at peak learning rate 2e-3. Hardware: 2 CPU cores: 15.7 minutes
-               with another training run sharing them (2026-11-28); alone it is expected within the 10-minute bar
-               (the 1500-step preset took 5.0 minutes), not yet measured; held-out prompts re-ranked 42.4%
-               all-attribute (README "Shapes results").
+               4 prefix tokens, 2400 steps of batch 64 at peak learning rate 2e-3. Hardware: 2 CPU cores: 8.6 minutes
+               alone, compilation, 5 evaluations and export included (517 s, 2026-11-28); held-out prompts re-ranked
+               42.4% all-attribute (README "Shapes results").
   gpt2_medium  the paper's prior (24 layers, width 1024, 16 heads, 256 tokens of 16384 codes) on ImageNet precomputed
                by configs/precompute.py:imagenet (f16 VQGAN, OpenAI ViT-B/32), bf16 compute, scanned layers.
                Hardware: 8+ accelerators for days (the paper trains for hundreds of thousands of steps).
