@@ -61,3 +61,14 @@ def test_the_prior_s_own_clip_cannot_score(models, shapes_data_dir, tmp_path):
     assert result.returncode != 0
     assert "is the CLIP that conditions and re-ranks the prior" in result.stderr
     assert not (tmp_path / "scores.json").exists()
+
+
+def test_prior_scores_training_combinations_with_the_oracle(models, shapes_data_dir, tmp_path):
+    prior, eval_clip, _ = models
+    out = tmp_path / "scores.json"
+    result = _run(f"--prior={prior}", f"--eval_clip={eval_clip}", "--combinations=training", "--num_candidates=1",
+                  "--seeds=0", "--images_per_prompt=1", f"--out={out}", "--source=shapes", "--name=tiny",
+                  f"--data_dir={shapes_data_dir}", "--split=heldout")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for summary in json.loads(out.read_text())["methods"].values():
+        assert summary["num_prompts"] == 96 and 0.0 <= summary["mean"]["oracle_all"] <= 1.0

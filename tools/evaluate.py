@@ -47,6 +47,10 @@ _EVAL_CLIP = flags.DEFINE_string("eval_clip", None, "prior: the CLIP that scores
                                  "Shapes); never the one that conditions and re-ranks.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "prior: prompts file (one per line); default: the Shapes held-out "
                                "canonical captions, or the captions of --split.")
+_COMBINATIONS = flags.DEFINE_enum(
+    "combinations", "heldout", ["heldout", "training"],
+    "prior, on Shapes without --prompts: score the canonical captions of the 96 held-out combinations (SHAPES.md "
+    "\"Scores\") or of 96 training combinations (every ninth of the 876), which tells composition errors apart.")
 _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 1000, "prior: at most this many prompts from --split's captions.")
 _NUM_CANDIDATES = flags.DEFINE_integer("num_candidates", 16, "prior: candidates per image for the re-ranked row.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "prior: sampling seeds (mean and std over them).")
@@ -111,7 +115,8 @@ def _evaluate_prior() -> tuple[dict, pathlib.Path]:
         prompts = pipeline.read_prompts_file(_PROMPTS.value)
         reference = clip_scores.read_split(data_config, _SPLIT.value, _BATCH_SIZE.value)["image"]
     elif on_shapes:
-        attributes = shapes.heldout_combinations()
+        attributes = (shapes.heldout_combinations() if _COMBINATIONS.value == "heldout"
+                      else shapes.training_combinations()[::9][:96])
         prompts = [shapes.canonical_caption(a) for a in attributes]
         reference = clip_scores.read_split(data_config, _SPLIT.value, _BATCH_SIZE.value)["image"]
     else:

@@ -2,7 +2,7 @@
 codebook statistics for tokenizers, and on Shapes whether the oracle reads the same five attributes from the
 reconstruction as from the input."""
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -16,10 +16,14 @@ from clipgen_jax.evaluation import image_metrics
 Reconstructor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
-def oracle_agreement(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray) -> np.ndarray:
-    """[N, 5] booleans: the oracle reads attribute i of image n the same way from both (and refuses neither)."""
+def oracle_agreement(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray,
+                     input_readings: Sequence[shapes.OracleResult] | None = None) -> np.ndarray:
+    """[N, 5] booleans: the oracle reads attribute i of image n the same way from both (and refuses neither).
+    `input_readings`: the oracle's results on `inputs_u8` where the caller has them already."""
+    if input_readings is None:
+        input_readings = shapes.oracle_batch(inputs_u8)
     agree = np.zeros((len(inputs_u8), len(shapes.ATTRIBUTE_NAMES)), bool)
-    for n, (a, b) in enumerate(zip(shapes.oracle_batch(inputs_u8), shapes.oracle_batch(reconstructions_u8))):
+    for n, (a, b) in enumerate(zip(input_readings, shapes.oracle_batch(reconstructions_u8), strict=True)):
         if a.status == b.status == "ok":
             agree[n] = np.equal(a.attributes, b.attributes)
     return agree
@@ -30,7 +34,9 @@ def oracle_agreement(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray) -> n
 BACKGROUND_SNAP_L1 = 12
 
 
-def background_diagnostics(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def background_diagnostics(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray,
+                           input_readings: Sequence[shapes.OracleResult] | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """Where oracle disagreement comes from on Shapes: ([N] fraction of each input's background pixels reconstructed
     exactly, [N, 5] oracle agreement after snapping near-background reconstruction pixels to the background).
 
@@ -43,7 +49,19 @@ def background_diagnostics(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray
     exact_N = (((distance_NHW == 0) & is_background_NHW).sum(axis=(1, 2))
                / np.maximum(is_background_NHW.sum(axis=(1, 2)), 1))
     snapped = np.where((distance_NHW <= BACKGROUND_SNAP_L1)[..., None], background_N113, reconstructions_u8)
-    return exact_N, oracle_agreement(inputs_u8, snapped.astype(np.uint8))
+    return exact_N, oracle_agreement(inputs_u8, snapped.astype(np.uint8), input_readings)
+
+
+def background_token_codes(inputs_u8: np.ndarray, tokens_Bhw: np.ndarray) -> np.ndarray:
+    """The codes of the tokens whose image patch is all background (Shapes: the input's border colour). A tokenizer
+    that gives a plain background a few codes leaves the prior little to model there; one whose background codes
+    also describe the rest of the image gives it many."""
+    batch, height, width, _ = inputs_u8.shape
+    grid_h, grid_w = tokens_Bhw.shape[1:]
+    background_B113 = np.stack([shapes.border_median(image) for image in inputs_u8])[:, None, None, :]
+    is_background_BHW = np.all(inputs_u8 == background_B113, axis=-1)
+    patches = is_background_BHW.reshape(batch, grid_h, height // grid_h, grid_w, width // grid_w)
+    return np.asarray(tokens_Bhw)[patches.all(axis=(2, 4))]
 
 
 def evaluate(reconstruct: Reconstructor, batches: Iterable[dict], *, shapes_oracle: bool,
@@ -53,7 +71,7 @@ def evaluate(reconstruct: Reconstructor, batches: Iterable[dict], *, shapes_orac
     per_image: dict[str, list] = {"psnr": [], "ssim": []}
     if perceptual is not None:
         per_image["lpips"] = []
-    agreements, background_exact, snapped_agreements = [], [], []
+    agreements, background_exact, snapped_agreements, background_codes = [], [], [], set()
     token_counts = np.zeros(codebook_size or 0, np.int64)
     for batch in batches:
         inputs_u8 = image_metrics.to_uint8(batch["image"])
@@ -67,10 +85,13 @@ def evaluate(reconstruct: Reconstructor, batches: Iterable[dict], *, shapes_orac
         if codebook_size:
             token_counts += np.bincount(np.asarray(tokens).reshape(-1), minlength=codebook_size)
         if shapes_oracle:
-            agreements.append(oracle_agreement(inputs_u8, reconstructions_u8))
-            exact, snapped = background_diagnostics(inputs_u8, reconstructions_u8)
+            input_readings = shapes.oracle_batch(inputs_u8)
+            agreements.append(oracle_agreement(inputs_u8, reconstructions_u8, input_readings))
+            exact, snapped = background_diagnostics(inputs_u8, reconstructions_u8, input_readings)
             background_exact.append(exact)
             snapped_agreements.append(snapped)
+            if tokens is not None:
+                background_codes.update(background_token_codes(inputs_u8, tokens).tolist())
     results = {"num_images": int(sum(len(v) for v in per_image["psnr"]))}
     results.update({name: float(np.concatenate(values).mean()) for name, values in per_image.items()})
     if codebook_size:
@@ -83,6 +104,8 @@ def evaluate(reconstruct: Reconstructor, batches: Iterable[dict], *, shapes_orac
                             for i, name in enumerate(shapes.ATTRIBUTE_NAMES)})
             results[f"{prefix}/all"] = float(agree.all(axis=1).mean())
         results["background_exact"] = float(np.concatenate(background_exact).mean())
+        if codebook_size:
+            results["background_codes"] = len(background_codes)
     return results
 
 

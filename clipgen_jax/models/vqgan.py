@@ -69,6 +69,7 @@ class _Tower(_Layers):
     num_res_blocks: int = 2
     attn_resolutions: Sequence[int] = (16,)
     resolution: int = 256
+    use_attention: bool = True  # False: no attention blocks anywhere in this tower (a purely convolutional one)
 
     def block(self, features: int, name: str) -> ResnetBlock:
         return ResnetBlock(features=features, name=name, norm_groups=self.norm_groups, dtype=self.dtype,
@@ -79,7 +80,8 @@ class _Tower(_Layers):
 
     def middle(self, h):
         h = self.block(h.shape[-1], "mid_block_1")(h)
-        h = self.attention("mid_attn_1")(h)
+        if self.use_attention:
+            h = self.attention("mid_attn_1")(h)
         return self.block(h.shape[-1], "mid_block_2")(h)
 
 
@@ -93,7 +95,7 @@ class Encoder(_Tower):
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
                 h = self.block(self.ch * mult, f"down_{level}_block_{i}")(h)
-                if resolution in self.attn_resolutions:
+                if self.use_attention and resolution in self.attn_resolutions:
                     h = self.attention(f"down_{level}_attn_{i}")(h)
             if level != len(self.ch_mult) - 1:
                 # taming pads right and bottom by one, then convolves with stride 2 and no padding.
@@ -140,6 +142,9 @@ class VQGAN(nn.Module):
     beta: float = 0.25
     legacy_beta: bool = False
     norm_groups: int = TAMING_NORM_GROUPS
+    # False: a convolutional encoder (no attention), so that each code describes its own neighbourhood rather than the
+    # whole image, which makes the token sequences easier for the prior to model. The decoder keeps its attention.
+    encoder_attention: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -147,7 +152,8 @@ class VQGAN(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                     attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution)
-        self.encoder = Encoder(z_channels=self.z_channels, norm_groups=self.norm_groups, **arch, **kw)
+        self.encoder = Encoder(z_channels=self.z_channels, norm_groups=self.norm_groups,
+                               use_attention=self.encoder_attention, **arch, **kw)
         self.decoder = Decoder(norm_groups=self.norm_groups, **arch, **kw)
         self.quant_conv = nn.Conv(self.code_dim, (1, 1), **kw)
         self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), **kw)
@@ -191,7 +197,7 @@ class VQGAN(nn.Module):
 
 
 CONFIG_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution", "codebook_size",
-                 "code_dim", "quantizer", "beta", "legacy_beta", "norm_groups")
+                 "code_dim", "quantizer", "beta", "legacy_beta", "norm_groups", "encoder_attention")
 
 
 def from_config(model_config, dtype=jnp.float32) -> VQGAN:

@@ -51,6 +51,7 @@ def test_identity_reconstruction_agrees_everywhere_and_blank_agrees_nowhere():
     assert perfect["psnr"] == pytest.approx(100.0)  # MSE floored at 1e-10
     assert perfect["codebook_usage"] == 0.25 and perfect["perplexity"] == pytest.approx(1.0)
     assert perfect["background_exact"] == 1.0 and perfect["oracle_agreement_background_snapped/all"] == 1.0
+    assert perfect["background_codes"] == 1  # every token is code 0
     blank = reconstruction.evaluate(lambda x: (np.zeros_like(x), None), [batch], shapes_oracle=True)
     assert blank["oracle_agreement/all"] == 0.0  # "no object" is wrong on every attribute
 
@@ -74,3 +75,13 @@ def test_background_diagnostics_snap_faint_noise_only():
     np.testing.assert_array_equal(snapped, reconstruction.oracle_agreement(inputs_u8, far))
     exact, _ = reconstruction.background_diagnostics(inputs_u8, inputs_u8)
     np.testing.assert_array_equal(exact, 1.0)
+
+
+def test_background_token_codes_are_those_of_all_background_patches():
+    images_u8 = np.zeros((2, 8, 8, 3), np.uint8)  # black backgrounds, 2 x 2 grids of 4 x 4 patches
+    images_u8[0, 1, 6] = 255  # one pixel of an object in image 0's top-right patch
+    images_u8[1] = 128
+    images_u8[1, 4:, :4] = (40, 80, 220)  # image 1: its bottom-left patch is all object
+    tokens = np.array([[[1, 2], [3, 4]], [[5, 6], [7, 8]]])
+    np.testing.assert_array_equal(np.sort(reconstruction.background_token_codes(images_u8, tokens)),
+                                  [1, 3, 4, 5, 6, 8])

@@ -62,10 +62,17 @@ def test_unknown_quantizer_kind_is_a_clear_error():
         quantizers.VectorQuantizer(4, 2, kind="fsq").init(jax.random.PRNGKey(0), jnp.zeros((1, 2)))
 
 
-def test_encode_decode_api_is_consistent():
-    model = small_vqgan(quantizer="l2")
+@pytest.mark.parametrize("encoder_attention", [True, False])
+def test_encode_decode_api_is_consistent(encoder_attention):
+    model = small_vqgan(quantizer="l2", encoder_attention=encoder_attention)
     images = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3), minval=-1, maxval=1)
     variables = model.init(jax.random.PRNGKey(1), images)
+    attention_blocks = {tower: sorted(name for name in variables["params"][tower] if "attn" in name)
+                        for tower in ("encoder", "decoder")}
+    # attn_resolutions=(8,): the encoder's last level (one block) and the decoder's first (two), plus the middles.
+    assert attention_blocks == {
+        "encoder": ["down_2_attn_0", "mid_attn_1"] if encoder_attention else [],
+        "decoder": ["mid_attn_1", "up_2_attn_0", "up_2_attn_1"]}
     reconstruction, indices, _, _ = model.apply(variables, images)
     tokens = model.apply(variables, images, method=model.encode)
     assert tokens.shape == (2, 8, 8) and tokens.dtype == jnp.int32
