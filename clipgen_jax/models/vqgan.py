@@ -142,8 +142,8 @@ class VQGAN(nn.Module):
     beta: float = 0.25
     legacy_beta: bool = False
     norm_groups: int = TAMING_NORM_GROUPS
-    # False: a convolutional encoder (no attention), so that each code describes its own neighbourhood rather than the
-    # whole image, which makes the token sequences easier for the prior to model. The decoder keeps its attention.
+    # False: a convolutional encoder (no attention blocks; the decoder keeps its own), whose codes see the rest of the
+    # image only through its convolutions' reach and its GroupNorm statistics.
     encoder_attention: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
