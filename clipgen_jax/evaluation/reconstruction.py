@@ -34,6 +34,13 @@ def oracle_agreement(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray,
 BACKGROUND_SNAP_L1 = 12
 
 
+def _backgrounds(inputs_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each Shapes image's background colour [N, 1, 1, 3] (the border median, as the oracle reads it) and which of its
+    pixels have exactly that colour [N, H, W]."""
+    background_N113 = np.stack([shapes.border_median(image) for image in inputs_u8])[:, None, None, :]
+    return background_N113, np.all(inputs_u8 == background_N113, axis=-1)
+
+
 def background_diagnostics(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray,
                            input_readings: Sequence[shapes.OracleResult] | None = None
                            ) -> tuple[np.ndarray, np.ndarray]:
@@ -43,8 +50,7 @@ def background_diagnostics(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray
     The oracle's coverage map counts every pixel's distance from the background, so faint noise spread over the
     ~1,000 background pixels moves the coverage-weighted centroid at which the shape silhouettes are matched. The
     snapped agreement says how much of the disagreement that noise explains; it is not the score."""
-    background_N113 = np.stack([shapes.border_median(image) for image in inputs_u8])[:, None, None, :]
-    is_background_NHW = np.all(inputs_u8 == background_N113, axis=-1)
+    background_N113, is_background_NHW = _backgrounds(inputs_u8)
     distance_NHW = np.abs(reconstructions_u8.astype(np.float32) - background_N113).sum(axis=-1)
     exact_N = (((distance_NHW == 0) & is_background_NHW).sum(axis=(1, 2))
                / np.maximum(is_background_NHW.sum(axis=(1, 2)), 1))
@@ -58,8 +64,7 @@ def background_token_codes(inputs_u8: np.ndarray, tokens_Bhw: np.ndarray) -> np.
     also describe the rest of the image gives it many."""
     batch, height, width, _ = inputs_u8.shape
     grid_h, grid_w = tokens_Bhw.shape[1:]
-    background_B113 = np.stack([shapes.border_median(image) for image in inputs_u8])[:, None, None, :]
-    is_background_BHW = np.all(inputs_u8 == background_B113, axis=-1)
+    _, is_background_BHW = _backgrounds(inputs_u8)
     patches = is_background_BHW.reshape(batch, grid_h, height // grid_h, grid_w, width // grid_w)
     return np.asarray(tokens_Bhw)[patches.all(axis=(2, 4))]
 
