@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clipgen_jax import training
-from clipgen_jax.models import prior
+from clipgen_jax.models import prior, vqgan
 
 TINY = dict(vocab_size=32, num_tokens=9, cond_dim=8, width=32, depth=2, num_heads=4, num_prefix_tokens=2)
 
@@ -145,8 +145,9 @@ def test_presets_and_from_config():
     large = prior.from_config(prior.PRESETS["gpt2_large"])
     assert (large.depth, large.width, large.num_heads) == (36, 1280, 20)
     shapes_preset = prior.from_config(prior.PRESETS["shapes"])
-    shapes_vqgan = training.load_config("configs/vqgan.py:shapes").model  # the tokens the shapes prior models
-    grid_side = shapes_vqgan.resolution // 2 ** (len(shapes_vqgan.ch_mult) - 1)
+    # The tokens the shapes prior models: the shapes VQGAN preset's grid and codebook.
+    shapes_vqgan = vqgan.from_config(training.load_config("configs/vqgan.py:shapes").model)
+    grid_side = shapes_vqgan.resolution // shapes_vqgan.downsample_factor
     assert (shapes_preset.vocab_size, shapes_preset.num_tokens, shapes_preset.cond_dim) == (
         shapes_vqgan.codebook_size, grid_side ** 2, 128)
     with pytest.raises(ValueError, match="unknown prior model fields"):
