@@ -33,8 +33,8 @@ PRESETS = {
     "gpt2_large": dict(vocab_size=16384, num_tokens=256, cond_dim=512, width=1280, depth=36, num_heads=20,
                        mlp_ratio=4, num_prefix_tokens=1, dropout_rate=0.0, scan_layers=False, remat=False),
     # The Shapes VQGAN's 8x8 grid of 256 codes and the Shapes CLIP's 128-d space, sized for a 2-core CPU: a batch-64
-    # AdamW step took 0.29 s of one core shared with another job (depth 4 took 0.36 s), so ~0.15 s on 2 free cores
-    # and ~7.5 min for 3000 steps (an estimate: benchmarks/prior_speed.py measures it).
+    # AdamW step took 0.29 s of one core shared with another job (depth 4 took 0.36 s); the 3000-step preset trains
+    # in 9.4 min alone on 2 cores with its evaluations (README "Shapes results"; benchmarks/prior_speed.py).
     # 4 prefix tokens: 42.4% vs 34.7% re-ranked all-attribute on held-out prompts, on the previous 1024-code tokens
     # (README "Shapes results").
     "shapes": dict(vocab_size=256, num_tokens=64, cond_dim=128, width=128, depth=3, num_heads=4,
