@@ -32,9 +32,10 @@ PRESETS = {
                         mlp_ratio=4, num_prefix_tokens=1, dropout_rate=0.0, scan_layers=False, remat=False),
     "gpt2_large": dict(vocab_size=16384, num_tokens=256, cond_dim=512, width=1280, depth=36, num_heads=20,
                        mlp_ratio=4, num_prefix_tokens=1, dropout_rate=0.0, scan_layers=False, remat=False),
-    # The Shapes VQGAN's 8x8 grid of 256 codes and the Shapes CLIP's 128-d space, sized for a 2-core CPU: a batch-64
-    # AdamW step took 0.29 s of one core shared with another job (depth 4 took 0.36 s); the 3000-step preset trains
-    # in 9.4 min alone on 2 cores with its evaluations (README "Shapes results"; benchmarks/prior_speed.py).
+    # The Shapes VQGAN's 8x8 grid of 256 codes and the Shapes CLIP's 128-d space, sized for a 2-core CPU: the
+    # preset's 13000 steps of batch 16 run at 23.6 steps/s and train in 9.3 min alone on 2 cores with their
+    # evaluations (README "Shapes results"; benchmarks/prior_speed.py). Depth 4 cost about 1.5x per step (beside
+    # another run); at batch 8 for the 18000 steps that fit, it placed objects worse (an exploratory run).
     # 4 prefix tokens: 42.4% vs 34.7% re-ranked all-attribute on held-out prompts, on the previous 1024-code tokens
     # (README "Shapes results").
     "shapes": dict(vocab_size=256, num_tokens=64, cond_dim=128, width=128, depth=3, num_heads=4,
