@@ -69,9 +69,10 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         # 2e-3 with 4 prefix tokens (the model preset) 42.4% all-attribute; 1 prefix token 34.7% (2e-3), 38.2%
         # (3e-3), 34.0% (1e-3).
         # On the tokens of a batch-16 VQGAN (94.3% agreement): 3000 steps 55.2%, 2400 steps 51.4%.
-        # On the current tokens, batch 64 x 3000 steps: 59.0%, position 75.3%. Batch 16 costs the same per image on
-        # the 2 cores (23.6 vs ~6 steps/s), so the same 9.4 minutes buy 4x the updates, and position needs them:
-        # 13000 steps of batch 16 give 63.5%, position 84.0% (README "Shapes results").
+        # On the current tokens, batch 64 x 3000 steps: 59.0%, position 75.3%. Batch 16 costs about the same per
+        # image on the 2 cores (29,611 vs 28,150 tokens/s, benchmarks/prior_speed.py), so about the same minutes buy
+        # 4x the updates, and position needs them: 13000 steps of batch 16 give 63.5%, position 84.0% (README
+        # "Shapes results").
         config.optimizer.learning_rate = 2e-3
         config.train.update(steps=13000, batch_size=16, eval_batch_size=256, log_every=250, eval_every=3250,
                             checkpoint_every=3250)
