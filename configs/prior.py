@@ -9,7 +9,7 @@ Presets:
   shapes       the canonical Shapes world (S = 32): configs/precompute.py:shapes output (runs/precomputed/shapes_s32:
                8 x 8 tokens of the Shapes VQGAN in runs/vqgan, 128-d "shapes-clip" embeddings), the `shapes` prior
                (clipgen_jax/models/prior.py PRESETS). Conditioned on image embeddings only (the language-free
-               method); every 1000 steps it samples the 96 held-out canonical prompts (text embeddings, 1 sample each,
+               method); every 3250 steps it samples the 96 held-out canonical prompts (text embeddings, 1 sample each,
                no re-ranking) and logs the oracle's accuracies as eval/shapes/* with a grid in DIR/images.
                4 prefix tokens, 13000 steps of batch 16 at peak learning rate 2e-3. Hardware: 2 CPU cores: 9.3
                minutes alone, compilation, 4 evaluations and export included (560 s, 2026-11-28); held-out prompts
