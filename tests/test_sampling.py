@@ -17,6 +17,8 @@ def peaked_params(model, seed=0):
     params = prior.init_params(model.clone(scan_layers=False), jax.random.PRNGKey(seed))
     params = {**params, "head": {"kernel": params["head"]["kernel"] * 20.0},
               "prefix": {**params["prefix"], "kernel": params["prefix"]["kernel"] * 50.0}}
+    if model.token_conditioning:
+        params["cond_to_tokens"] = {**params["cond_to_tokens"], "kernel": params["cond_to_tokens"]["kernel"] * 50.0}
     return prior.stack_block_params(params, model.depth) if model.scan_layers else params
 
 
@@ -62,6 +64,17 @@ def test_cached_sampler_matches_naive_with_scanned_rematerialised_layers():
     np.testing.assert_array_equal(
         sampling.sample(model, params, cond_BD, jax.random.PRNGKey(0), greedy=True),
         sampling.sample(unrolled, prior.unstack_block_params(params, 2), cond_BD, jax.random.PRNGKey(0), greedy=True))
+
+
+def test_cached_sampler_matches_naive_with_token_conditioning():
+    model = prior.Prior(**FIELDS, token_conditioning=True)
+    params = peaked_params(model)
+    cond_BD = jax.random.normal(jax.random.PRNGKey(2), (3, FIELDS["cond_dim"]))
+    for settings in (dict(greedy=True), dict(top_k=10), dict(guidance_scale=3.0)):
+        cached = sampling.sample(model, params, cond_BD, jax.random.PRNGKey(0), **settings)
+        np.testing.assert_array_equal(cached,
+                                      sampling.sample_naive(model, params, cond_BD, jax.random.PRNGKey(0), **settings))
+        assert len(np.unique(np.asarray(cached))) > 4
 
 
 def test_seeds_and_conditions_change_samples_and_greedy_ignores_the_seed(setup):

@@ -2,7 +2,9 @@
 
 The sequence is `num_prefix_tokens` condition tokens (the L2-normalised CLIP embedding through one Dense layer, as
 CLIP-GEN's official code) followed by the image tokens in raster order; position j's output predicts the token at
-j + 1, so the last prefix position predicts the first image token and the last image token is never an input.
+j + 1, so the last prefix position predicts the first image token and the last image token is never an input. With
+`token_conditioning` a second Dense projection of the embedding is also added to every image token's embedding, so
+each position sees the condition directly instead of only through attention to the prefix.
 
 Blocks are pre-LayerNorm (attention, GELU MLP) with learned positional embeddings, a final LayerNorm and an untied
 output head, initialised as GPT-2. `__call__` is the training forward (all positions at once, causal); `prefill` and
@@ -24,14 +26,16 @@ LAYER_NORM_EPSILON = 1e-5  # GPT-2's
 INIT_STDDEV = 0.02  # GPT-2's; residual projections are scaled by 1 / sqrt(2 * depth) on top
 
 CONFIG_FIELDS = ("vocab_size", "num_tokens", "cond_dim", "width", "depth", "num_heads", "mlp_ratio",
-                 "num_prefix_tokens", "dropout_rate", "scan_layers", "remat")
+                 "num_prefix_tokens", "token_conditioning", "dropout_rate", "scan_layers", "remat")
 
 PRESETS = {
     # CLIP-GEN's prior (GPT-2 medium) over a 16x16 grid of a 16384-code VQGAN, conditioned on ViT-B/32's 512-d space.
     "gpt2_medium": dict(vocab_size=16384, num_tokens=256, cond_dim=512, width=1024, depth=24, num_heads=16,
-                        mlp_ratio=4, num_prefix_tokens=1, dropout_rate=0.0, scan_layers=False, remat=False),
+                        mlp_ratio=4, num_prefix_tokens=1, token_conditioning=False, dropout_rate=0.0,
+                        scan_layers=False, remat=False),
     "gpt2_large": dict(vocab_size=16384, num_tokens=256, cond_dim=512, width=1280, depth=36, num_heads=20,
-                       mlp_ratio=4, num_prefix_tokens=1, dropout_rate=0.0, scan_layers=False, remat=False),
+                       mlp_ratio=4, num_prefix_tokens=1, token_conditioning=False, dropout_rate=0.0,
+                       scan_layers=False, remat=False),
     # The Shapes VQGAN's 8x8 grid of 256 codes and the Shapes CLIP's 128-d space, sized for a 2-core CPU: the
     # preset's 13000 steps of batch 16 run at 23.6 steps/s and train in 9.3 min alone on 2 cores with their
     # evaluations (README "Shapes results"; benchmarks/prior_speed.py). Depth 4 cost about 1.5x per step (beside
@@ -39,19 +43,23 @@ PRESETS = {
     # 4 prefix tokens: 42.4% vs 34.7% re-ranked all-attribute on held-out prompts, on the previous 1024-code tokens
     # (README "Shapes results").
     "shapes": dict(vocab_size=256, num_tokens=64, cond_dim=128, width=128, depth=3, num_heads=4,
-                   mlp_ratio=4, num_prefix_tokens=4, dropout_rate=0.0, scan_layers=False, remat=False),
+                   mlp_ratio=4, num_prefix_tokens=4, token_conditioning=False, dropout_rate=0.0,
+                   scan_layers=False, remat=False),
 }
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer at every sequence position: [depth, batch, positions, heads, head_dim]."""
+    """Keys and values of every layer at every sequence position: [depth, batch, positions, heads, head_dim]; and
+    each row's projected condition [batch, width] that `token_conditioning` adds to every image token."""
     keys: jax.Array
     values: jax.Array
+    token_condition: jax.Array
 
     def write(self, layer, start, keys_BSHK, values_BSHK) -> KVCache:
         index = (layer, 0, start, 0, 0)
-        return KVCache(jax.lax.dynamic_update_slice(self.keys, keys_BSHK[None].astype(self.keys.dtype), index),
-                       jax.lax.dynamic_update_slice(self.values, values_BSHK[None].astype(self.values.dtype), index))
+        return self._replace(
+            keys=jax.lax.dynamic_update_slice(self.keys, keys_BSHK[None].astype(self.keys.dtype), index),
+            values=jax.lax.dynamic_update_slice(self.values, values_BSHK[None].astype(self.values.dtype), index))
 
     def read(self, layer) -> tuple[jax.Array, jax.Array]:
         return (jax.lax.dynamic_index_in_dim(self.keys, layer, keepdims=False),
@@ -131,6 +139,7 @@ class Prior(nn.Module):
     num_heads: int
     mlp_ratio: int = 4
     num_prefix_tokens: int = 1
+    token_conditioning: bool = False
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -152,6 +161,8 @@ class Prior(nn.Module):
         self.null_embedding = self.param("null_embedding", nn.initializers.normal(1.0 / math.sqrt(self.cond_dim)),
                                          (self.cond_dim,), self.param_dtype)
         self.token_embedding = nn.Embed(self.vocab_size, self.width, embedding_init=_dense_init(), **kw)
+        if self.token_conditioning:
+            self.cond_to_tokens = nn.Dense(self.width, kernel_init=_dense_init(), **kw)
         self.position_embedding = self.param("position_embedding", _dense_init(), (self.seq_len, self.width),
                                              self.param_dtype)
         self.embedding_dropout = nn.Dropout(self.dropout_rate)
@@ -169,12 +180,23 @@ class Prior(nn.Module):
         self.final_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, **kw)
         self.head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=_dense_init(), **kw)
 
-    def _prefix(self, cond_BD, use_null_B):
+    def _embed_condition(self, cond_BD, use_null_B):
+        """-> the prefix tokens [B, P, W], and the condition added to every image token [B, W] (zeros without
+        token_conditioning)."""
         cond_BD = cond_BD.astype(jnp.float32)
         cond_BD = cond_BD / jnp.maximum(jnp.linalg.norm(cond_BD, axis=-1, keepdims=True), 1e-12)
         if use_null_B is not None:
             cond_BD = jnp.where(use_null_B[:, None], self.null_embedding.astype(jnp.float32)[None], cond_BD)
-        return self.prefix(cond_BD).reshape(cond_BD.shape[0], self.num_prefix_tokens, self.width)
+        prefix_BPW = self.prefix(cond_BD).reshape(cond_BD.shape[0], self.num_prefix_tokens, self.width)
+        if self.token_conditioning:
+            return prefix_BPW, self.cond_to_tokens(cond_BD)
+        return prefix_BPW, jnp.zeros((cond_BD.shape[0], self.width), prefix_BPW.dtype)
+
+    def _embed_tokens(self, tokens_BS, token_condition_BW):
+        embedded_BSW = self.token_embedding(tokens_BS)
+        if self.token_conditioning:
+            embedded_BSW = embedded_BSW + token_condition_BW[:, None].astype(embedded_BSW.dtype)
+        return embedded_BSW
 
     def _trunk(self, x_BSW, start, cache: KVCache | None, deterministic: bool):
         """Embeddings at positions start .. start + S - 1 -> final-normed activations, and the updated cache."""
@@ -194,26 +216,29 @@ class Prior(nn.Module):
 
     def __call__(self, cond_BD, tokens_BL, *, use_null_B=None, deterministic=True):
         """float32 logits [B, L, vocab]: logits[:, i] predict tokens_BL[:, i] from the prefix and tokens[:, :i]."""
-        inputs_BTW = jnp.concatenate([self._prefix(cond_BD, use_null_B), self.token_embedding(tokens_BL[:, :-1])],
-                                     axis=1)
+        prefix_BPW, token_condition_BW = self._embed_condition(cond_BD, use_null_B)
+        inputs_BTW = jnp.concatenate([prefix_BPW, self._embed_tokens(tokens_BL[:, :-1], token_condition_BW)], axis=1)
         h_BTW, _ = self._trunk(inputs_BTW, 0, None, deterministic)
         return self._logits(h_BTW[:, self.num_prefix_tokens - 1:])
 
     def init_cache(self, batch_size: int) -> KVCache:
         """An empty cache for `batch_size` rows (needs no parameters: call it on the unbound module)."""
         shape = (self.depth, batch_size, self.seq_len, self.num_heads, self.width // self.num_heads)
-        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
+                       jnp.zeros((batch_size, self.width), self.dtype))
 
     def prefill(self, cond_BD, cache: KVCache, *, use_null_B=None):
         """Runs the prefix into `cache`; returns the logits [B, vocab] of image token 0 and the cache."""
-        h_BPW, cache = self._trunk(self._prefix(cond_BD, use_null_B), 0, cache, True)
+        prefix_BPW, token_condition_BW = self._embed_condition(cond_BD, use_null_B)
+        cache = cache._replace(token_condition=token_condition_BW.astype(cache.token_condition.dtype))
+        h_BPW, cache = self._trunk(prefix_BPW, 0, cache, True)
         return self._logits(h_BPW[:, -1]), cache
 
     def decode(self, tokens_B, index, cache: KVCache):
         """Feeds image token `index` (int32 [B]; after `prefill` and tokens 0 .. index - 1); returns the logits
         [B, vocab] of token index + 1 and the cache."""
-        h_B1W, cache = self._trunk(self.token_embedding(tokens_B[:, None]), self.num_prefix_tokens + index, cache,
-                                   True)
+        h_B1W, cache = self._trunk(self._embed_tokens(tokens_B[:, None], cache.token_condition),
+                                   self.num_prefix_tokens + index, cache, True)
         return self._logits(h_B1W[:, 0]), cache
 
 
@@ -254,9 +279,10 @@ def unstack_block_params(params, depth: int):
 def training_flops_per_token(model: Prior) -> float:
     """Training FLOPs (forward + backward) per image token, PaLM's convention (appendix B) for one sample:
 
-        6 * (T * depth * N_block + L * width * vocab + cond_dim * P * width) + 12 * depth * T**2 * width
+        6 * (T * depth * N_block + L * width * vocab + cond_dim * C * width) + 12 * depth * T**2 * width
 
-    divided by L, where P = num_prefix_tokens, L = num_tokens, T = P + L - 1 positions, and
+    divided by L, where P = num_prefix_tokens, C = P + 1 with token_conditioning (else P), L = num_tokens,
+    T = P + L - 1 positions, and
     N_block = (4 + 2 * mlp_ratio) * width**2 the matmul weights of a block (qkv, attention output, MLP). The last term
     is attention's QK^T and AV (2 * 2 * T * width per position and layer, times 3 for training), counted over all
     T x T pairs although causal kernels may skip half. Embedding lookups, norms and biases are not counted.
@@ -265,5 +291,5 @@ def training_flops_per_token(model: Prior) -> float:
     positions = prefix + tokens - 1
     block = (4 + 2 * model.mlp_ratio) * model.width**2
     matmul = positions * model.depth * block + tokens * model.width * model.vocab_size
-    matmul += model.cond_dim * prefix * model.width
+    matmul += model.cond_dim * (prefix + model.token_conditioning) * model.width
     return (6 * matmul + 12 * model.depth * positions**2 * model.width) / tokens

@@ -73,6 +73,24 @@ def test_null_rows_ignore_the_condition(tiny):
     np.testing.assert_allclose(np.asarray(as_cond)[0], np.asarray(nulls)[0], atol=1e-6)
 
 
+def test_token_conditioning_reaches_image_tokens_without_the_prefix_and_null_rows_drop_it(tiny):
+    _, _, cond_BD, tokens_BL = tiny
+    other_cond = jax.random.normal(jax.random.PRNGKey(9), cond_BD.shape)
+    for token_conditioning in (False, True):
+        model = tiny_prior(token_conditioning=token_conditioning)
+        params = prior.init_params(model, jax.random.PRNGKey(0))
+        assert ("cond_to_tokens" in params) == token_conditioning
+        # A prefix that ignores the condition: only token conditioning can still pass it on.
+        params = {**params, "prefix": jax.tree.map(jnp.zeros_like, params["prefix"])}
+        logits = np.asarray(model.apply({"params": params}, cond_BD, tokens_BL))
+        other = np.asarray(model.apply({"params": params}, other_cond, tokens_BL))
+        np.testing.assert_array_equal(other[:, 0], logits[:, 0])  # the first token sees the prefix only
+        assert (np.abs(other[:, 1:] - logits[:, 1:]).max() > 1e-4) == token_conditioning
+        all_null_B = jnp.ones((3,), bool)
+        np.testing.assert_array_equal(model.apply({"params": params}, cond_BD, tokens_BL, use_null_B=all_null_B),
+                                      model.apply({"params": params}, other_cond, tokens_BL, use_null_B=all_null_B))
+
+
 @pytest.mark.parametrize("remat", [False, True])
 def test_scanned_layers_match_unrolled_layers(tiny, remat):
     model, params, cond_BD, tokens_BL = tiny
@@ -115,10 +133,12 @@ def test_dropout_is_active_only_when_not_deterministic(tiny):
     assert np.abs(np.asarray(noisy) - np.asarray(clean)).max() > 1e-3
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_cached_decoding_reproduces_the_training_forward(tiny, scan_layers):
+@pytest.mark.parametrize("scan_layers, token_conditioning", [(False, False), (True, False), (False, True)])
+def test_cached_decoding_reproduces_the_training_forward(tiny, scan_layers, token_conditioning):
     model, params, cond_BD, tokens_BL = tiny
-    model = model.clone(scan_layers=scan_layers)
+    model = model.clone(scan_layers=scan_layers, token_conditioning=token_conditioning)
+    if token_conditioning:
+        params = prior.init_params(model, jax.random.PRNGKey(0))
     if scan_layers:
         params = prior.stack_block_params(params, TINY["depth"])
     variables = {"params": params}
@@ -160,6 +180,8 @@ def test_training_flops_per_token_formula():
     block = 12 * 32**2
     per_sample = 6 * (positions * 2 * block + tokens * 32 * 32 + 8 * 2 * 32) + 12 * 2 * positions**2 * 32
     assert prior.training_flops_per_token(model) == pytest.approx(per_sample / tokens)
+    token_conditioned = tiny_prior(token_conditioning=True)
+    assert prior.training_flops_per_token(token_conditioned) == pytest.approx((per_sample + 6 * 8 * 32) / tokens)
 
 
 def test_training_flops_agree_with_xla_count():
