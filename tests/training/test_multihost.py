@@ -101,9 +101,12 @@ def _leaves(tree) -> list[np.ndarray]:
 def test_prior_on_two_processes_with_fsdp_matches_one_process(prior_dataset, tmp_path):
     vqgan_path, clip_path, data_dir = prior_dataset
     # mesh.fsdp=4 splits every leaf of >= 1024 elements (and its Adam moments) over both processes' devices.
+    # Dropout off: this test is about sharding, and with the tiny preset's dropout 0.1 the two topologies' step-1
+    # losses differed by 1.8e-5 relative (CI, 2026-11-28), over the 1e-5 asserted here.
     args = ["--config=configs/prior.py:tiny", f"--config.data.data_dir={data_dir}", f"--config.vqgan={vqgan_path}",
             f"--config.clip={clip_path}", "--config.train.shuffle=False", "--config.train.log_every=1",
-            "--config.mesh.fsdp=4", "--config.mesh.fsdp_min_size=1024", "--config.optimizer.accumulation_steps=2"]
+            "--config.mesh.fsdp=4", "--config.mesh.fsdp_min_size=1024", "--config.optimizer.accumulation_steps=2",
+            "--config.model.dropout_rate=0.0"]
     two, one = train_on_two_topologies(tmp_path, args)
 
     assert_same_metrics(two, one)
