@@ -13,6 +13,7 @@ The dataset is an ordinary TFDS dataset in array_record format under `{data_dir}
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -142,10 +143,45 @@ class _SelectFeatures(grain.transforms.Map):
                 for key in self.keys}
 
 
+# Splits whose selected features take at most this many bytes are read into memory once (the Shapes train split:
+# 20,000 records of 64 tokens and a 128-d embedding, 5.4 MB, in ~2 s): each batch is then a few array lookups, not
+# file reads and decoding (5.3 ms of CPU per batch of 16 on the 2-core machine, 8% of a Shapes training step).
+DEFAULT_MEMORY_LIMIT_BYTES = 1 << 30
+_VARIABLE_SIZE_BYTES = 1024  # what a text or other variable-size value is assumed to take
+
+
+def _record_bytes(features: tfds.features.FeaturesDict, keys: Sequence[str]) -> int:
+    total = 0
+    for key in keys:
+        feature = features[key]
+        shape, dtype = tuple(feature.shape), np.dtype(feature.np_dtype)
+        fixed = dtype != np.dtype(object) and all(isinstance(d, int) for d in shape)
+        total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if fixed else _VARIABLE_SIZE_BYTES
+    return total
+
+
+class _InMemoryRecords:
+    """Every record of `records` (a finite grain MapDataset of feature dicts) held as one array per feature: a grain
+    random-access source that returns exactly what `records` does, without reading files."""
+
+    def __init__(self, records: grain.MapDataset):
+        rows = [records[i] for i in range(len(records))]
+        self._columns = {key: images.stack([row[key] for row in rows]) for key in rows[0]}
+        self._length = len(rows)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {key: column[index] for key, column in self._columns.items()}
+
+
 class PrecomputedBatchIterator:
     """Batches (dicts of numpy arrays with a leading batch dimension; text as object arrays of str) read in order
     from `records` (already sharded, shuffled and repeated lazily by grain).
 
+    With `worker_count` 0 the records are read by random access in the calling thread: no reader threads compete
+    with the training step for the CPU. With more, grain worker processes read ahead.
     Repeating forever, batches run across epoch boundaries, so every batch is full; with finite epochs the last batch
     holds what is left. State: `{"next_index": records consumed so far}` (JSON), independent of `worker_count`.
     """
@@ -165,14 +201,13 @@ class PrecomputedBatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._iterator is None:
-            self._iterator = self._start()
-        records = []
-        while len(records) < self._batch_size:
-            record = next(self._iterator, None)
-            if record is None:
-                break
-            records.append(record)
+        if self._worker_count == 0:
+            end = min(self._next_index + self._batch_size, len(self._records))
+            records = [self._records[i] for i in range(self._next_index, end)]
+        else:
+            if self._iterator is None:
+                self._iterator = images.iterate_from(self._records, self._next_index, self._worker_count)
+            records = list(itertools.islice(self._iterator, self._batch_size))
         if not records:
             raise StopIteration
         self._next_index += len(records)
@@ -186,24 +221,23 @@ class PrecomputedBatchIterator:
         self._next_index = int(state["next_index"])
 
     def close(self) -> None:
-        """Stops grain's reader threads or worker processes (they are restarted on the next batch)."""
+        """Stops grain's worker processes, if any (they are restarted on the next batch)."""
         if self._iterator is not None:
             self._iterator.close()
             self._iterator = None
-
-    def _start(self) -> grain.DatasetIterator:
-        return images.iterate_from(self._records, self._next_index, self._worker_count)
 
 
 def make_batch_iterator(data_dir: str | pathlib.Path, name: str, *, split: str, batch_size: int, seed: int,
                         shuffle: bool = True, num_epochs: int | None = None, keys: Sequence[str] | None = None,
                         process_index: int | None = None, process_count: int | None = None,
-                        worker_count: int = 0) -> PrecomputedBatchIterator:
+                        worker_count: int = 0, memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES
+                        ) -> PrecomputedBatchIterator:
     """Batches of `batch_size` precomputed examples (the features in `keys`, default all) for this process.
 
     Process `process_index` of `process_count` (default: this JAX process) reads records i, i + n, i + 2n, ...; the
     shuffle order is fixed by `seed` (with the process index folded in) and differs per epoch. `num_epochs=None`
-    repeats forever.
+    repeats forever. If this process's records of the split take at most `memory_limit_bytes` (0: never), they are
+    read into memory first; the batches are the same either way.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -220,8 +254,10 @@ def make_batch_iterator(data_dir: str | pathlib.Path, name: str, *, split: str, 
     records = grain.MapDataset.source(builder.as_data_source(split))[process_index::process_count]
     if len(records) == 0:
         raise ValueError(f"process {process_index} of {process_count} gets no records from {name}:{split}")
+    records = records.map(_SelectFeatures(tuple(keys)))
+    if len(records) * _record_bytes(builder.info.features, keys) <= memory_limit_bytes:
+        records = grain.MapDataset.source(_InMemoryRecords(records))
     records = records.seed(int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0]))
     if shuffle:
         records = records.shuffle()
-    records = records.repeat(num_epochs).map(_SelectFeatures(tuple(keys)))
-    return PrecomputedBatchIterator(records, batch_size=batch_size, worker_count=worker_count)
+    return PrecomputedBatchIterator(records.repeat(num_epochs), batch_size=batch_size, worker_count=worker_count)

@@ -2,6 +2,7 @@
 resumable state; and the identity check the prior's trainer runs."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -110,6 +111,35 @@ def test_state_resumes_the_same_stream(dataset):
         for key in want:
             np.testing.assert_array_equal(batch[key], want[key])
     assert resumed.get_state() == {"next_index": 160}
+
+
+def test_in_memory_batches_equal_the_streamed_ones_and_need_no_files(dataset, tmp_path):
+    """A split under memory_limit_bytes is read into memory when the iterator is made: its batches are the streamed
+    ones (across epochs, for each process), and the files are no longer needed."""
+    data_dir, _ = dataset
+    for process_index in range(2):
+        def make(directory, memory_limit_bytes):
+            return precomputed.make_batch_iterator(directory, NAME, split="validation", batch_size=24, seed=2,
+                                                   process_index=process_index, process_count=2,
+                                                   memory_limit_bytes=memory_limit_bytes)
+
+        streamed = make(data_dir, 0)
+        expected = [next(streamed) for _ in range(6)]  # 144 records of this process's 64: three epochs
+        copy = tmp_path / f"copy{process_index}"
+        shutil.copytree(data_dir, copy)
+        in_memory = make(copy, 1 << 20)  # ~110 KB: 64 records of 11 features, text counted as 1 KiB
+        record_files = list(precomputed.dataset_dir(copy, NAME).glob("*.array_record*"))
+        assert record_files
+        for path in record_files:
+            path.unlink()
+        for want in expected:
+            batch = next(in_memory)
+            assert sorted(batch) == sorted(want)
+            for key in want:
+                assert batch[key].dtype == want[key].dtype
+                np.testing.assert_array_equal(batch[key], want[key])
+        with pytest.raises(Exception, match="array_record"):
+            next(make(copy, 0))
 
 
 def test_metadata_and_identity_check(dataset):
