@@ -133,6 +133,20 @@ def test_dropout_is_active_only_when_not_deterministic(tiny):
     assert np.abs(np.asarray(noisy) - np.asarray(clean)).max() > 1e-3
 
 
+def test_dropout_drops_the_rate_and_rescales_the_rest():
+    x = jnp.ones((3, 1001, 333), jnp.float32)  # an odd number of elements: the last random word is half used
+    layer = prior.Dropout(0.1)
+    out = np.asarray(layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}))
+    kept = out != 0
+    assert abs(1 - kept.mean() - 0.1) < 2e-3
+    np.testing.assert_array_equal(np.unique(out[kept]), np.float32(65536 / (65536 - 6554)))
+    np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)
+    again = layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+    other = layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    np.testing.assert_array_equal(again, out)
+    assert 0.15 < np.mean((np.asarray(other) != 0) != kept) < 0.2  # independent masks differ in ~2 p (1 - p)
+
+
 @pytest.mark.parametrize("scan_layers, token_conditioning", [(False, False), (True, False), (False, True)])
 def test_cached_decoding_reproduces_the_training_forward(tiny, scan_layers, token_conditioning):
     model, params, cond_BD, tokens_BL = tiny
