@@ -100,7 +100,8 @@ BUDGET_TOTAL_MINUTES = 30
 
 
 class _Clock:
-    """Times stages into results["seconds"]; a stage complete before it ran keeps the earlier run's time."""
+    """Times stages into results["seconds"]; a stage complete before it ran keeps the earlier run's time (None if
+    that run recorded none)."""
 
     def __init__(self, results: dict, previous: dict):
         self.results = results
@@ -112,8 +113,9 @@ class _Clock:
         value = fn(*args, **kwargs)
         seconds = round(time.perf_counter() - start, 1)
         if complete_before:
+            # None when the run that did the stage recorded no time (it was stopped before writing results.json).
             self.results["reused"].append(name)
-            seconds = self.previous_seconds.get(name, seconds)
+            seconds = self.previous_seconds.get(name)
         self.results["seconds"][name] = seconds
         return value
 
@@ -353,22 +355,21 @@ def captioned_grid(images_PKHWC: np.ndarray, prompts: list[str]) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def budget(seconds: dict[str, float]) -> list[dict]:
-    """Issue 7's budget lines with the measured minutes beside them (stages absent from `seconds` count 0)."""
-    lines = []
-    for label, stages, limit in BUDGET:
-        minutes = sum(seconds.get(stage, 0.0) for stage in stages) / 60
-        lines.append({"stage": label, "stages": list(stages), "limit_minutes": limit,
-                      "measured_minutes": round(minutes, 2), "within": minutes <= limit})
+def budget(seconds: dict[str, float | None]) -> list[dict]:
+    """Issue 7's budget lines with the measured minutes beside them (stages absent from `seconds` count 0; a line
+    with a stage whose time is None, not recorded, has measured_minutes and within None)."""
+
+    def line(label, stages, limit):
+        times = [seconds.get(stage, 0.0) for stage in stages]
+        minutes = None if None in times else round(sum(times) / 60, 2)
+        return {"stage": label, "stages": list(stages), "limit_minutes": limit, "measured_minutes": minutes,
+                "within": None if minutes is None else minutes <= limit}
+
+    lines = [line(label, stages, limit) for label, stages, limit in BUDGET]
     demo_stages = sorted(stage for stage in seconds if not stage.startswith("compare_"))
-    total = sum(seconds[stage] for stage in demo_stages) / 60
-    lines.append({"stage": "total", "stages": demo_stages, "limit_minutes": BUDGET_TOTAL_MINUTES,
-                  "measured_minutes": round(total, 2), "within": total <= BUDGET_TOTAL_MINUTES})
+    lines.append(line("total", demo_stages, BUDGET_TOTAL_MINUTES))
     if len(demo_stages) < len(seconds):
-        with_compare = sum(seconds.values()) / 60
-        lines.append({"stage": "total with --compare", "stages": sorted(seconds),
-                      "limit_minutes": COMPARE_BUDGET_MINUTES, "measured_minutes": round(with_compare, 2),
-                      "within": with_compare <= COMPARE_BUDGET_MINUTES})
+        lines.append(line("total with --compare", sorted(seconds), COMPARE_BUDGET_MINUTES))
     return lines
 
 
@@ -413,12 +414,14 @@ def markdown(results: dict) -> str:
            generation.markdown_table(results["compare"], prior["eval_clip"])] if "compare" in results else []),
         "", "## Time budget (2-core CPU in issue 7; minutes, compilation included)", "",
         "| stage | budget | measured | within |", "|---|---|---|---|",
-        *(f"| {line['stage']} | {line['limit_minutes']} | {line['measured_minutes']:.2f} | "
-          f"{'yes' if line['within'] else 'no'} |" for line in results["budget"]),
+        *(f"| {line['stage']} | {line['limit_minutes']} | " + (
+            "not recorded | unknown |" if line["within"] is None else
+            f"{line['measured_minutes']:.2f} | {'yes' if line['within'] else 'no'} |") for line in results["budget"]),
         *(["", "The budget assumes the shipped CLIP; the total above includes this run's CLIP training."]
           if "train_clip" in results["seconds"] else []),
         "", "## Time (seconds, compilation included)", "", "| step | seconds |", "|---|---|",
-        *(f"| {name} | {seconds}{' (reused: earlier run)' if name in results['reused'] else ''} |"
+        *(f"| {name} | {'not recorded' if seconds is None else seconds}"
+          f"{' (reused: earlier run)' if name in results['reused'] else ''} |"
           for name, seconds in results["seconds"].items()), "",
     ]
     return "\n".join(lines)

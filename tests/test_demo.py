@@ -114,3 +114,16 @@ def test_quick_demo_trains_its_own_clip(tmp_path):
                                                                       abs=0.01)
     _check_prior_scores(results["prior"])
     _check_layout(tmp_path)
+
+
+def test_a_stage_reused_without_a_recorded_time_leaves_its_budget_lines_unknown():
+    # A run stopped before writing results.json leaves finished stages whose time nobody recorded.
+    seconds = {"build_shapes": 0.0, "train_vqgan": None, "evaluate_vqgan": 17.1, "precompute": 9.5,
+               "train_prior": 689.8, "generate_evaluate": 365.3}
+    lines = {line["stage"]: line for line in demo.budget(seconds)}
+    for stage in ("VQGAN (train + evaluate)", "total"):
+        assert lines[stage]["measured_minutes"] is None and lines[stage]["within"] is None
+    assert (lines["prior"]["measured_minutes"], lines["prior"]["within"]) == (11.5, False)
+    assert (lines["precompute"]["measured_minutes"], lines["precompute"]["within"]) == (0.16, True)
+    assert demo.budget({**seconds, "train_vqgan": 540.0})[-1] == {
+        "stage": "total", "stages": sorted(seconds), "limit_minutes": 30, "measured_minutes": 27.03, "within": True}
