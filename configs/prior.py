@@ -12,9 +12,10 @@ Presets:
                method); every 2750 steps it samples the 96 held-out canonical prompts (text embeddings, 1 sample each,
                no re-ranking) and logs the oracle's accuracies as eval/shapes/* with a grid in DIR/images.
                4 prefix tokens, token conditioning, dropout 0.1, 11000 steps of batch 16 at peak learning rate 2e-3.
-               Hardware: 2 CPU cores: 9.4 minutes alone, compilation, 4 evaluations and export included (565 s,
-               2026-11-28); held-out prompts re-ranked 72.6% all-attribute, shape 84.7%, position 86.5% (README
-               "Shapes results").
+               Hardware: 2 CPU cores, alone, compilation, 4 evaluations and export included, 2026-11-28: 11.5 min
+               (689 s) on a machine that benchmarks 16.9 steps/s; held-out prompts re-ranked 80.9% all-attribute,
+               shape 86.1%, position 94.1%. With the earlier, slower code on a faster machine (21.9 steps/s): 9.4 min,
+               72.6% all-attribute, shape 84.7% (README "Shapes results").
   gpt2_medium  the paper's prior (24 layers, width 1024, 16 heads, 256 tokens of 16384 codes) on ImageNet precomputed
                by configs/precompute.py:imagenet (f16 VQGAN, OpenAI ViT-B/32), bf16 compute, scanned layers.
                Hardware: 8+ accelerators for days (the paper trains for hundreds of thousands of steps).
@@ -73,8 +74,9 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         # On the current tokens, batch 64 x 3000 steps: 59.0%, position 75.3%. Batch 16 costs about the same per
         # image on the 2 cores (29,611 vs 28,150 tokens/s, benchmarks/prior_speed.py), so about the same minutes buy
         # 4x the updates, and position needs them: 13000 steps of batch 16 give 63.5%, position 84.0%. Token
-        # conditioning: 71.9%, shape 84.4%. Dropout 0.1 costs ~14% per step, so 11000 steps fit the 10 minutes:
-        # 72.6%, shape 84.7%, position 86.5%; 13000 would give 77.8%, shape 87.8% (README "Shapes results").
+        # conditioning: 71.9%, shape 84.4%. Dropout 0.1 cost ~14% per step, so 11000 steps fitted the 10 minutes
+        # on that machine: 72.6%, shape 84.7%, position 86.5%; 13000 gave 77.8%, shape 87.8%. Rerun on another
+        # machine's tokens: 80.9%, shape 86.1%, position 94.1% in 11.5 min there (README "Shapes results").
         config.optimizer.learning_rate = 2e-3
         config.train.update(steps=11000, batch_size=16, eval_batch_size=256, log_every=250, eval_every=2750,
                             checkpoint_every=2750)
