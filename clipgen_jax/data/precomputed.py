@@ -144,8 +144,9 @@ class _SelectFeatures(grain.transforms.Map):
 
 
 # Splits whose selected features take at most this many bytes are read into memory once (the Shapes train split:
-# 20,000 records of 64 tokens and a 128-d embedding, 5.4 MB, in ~2 s): each batch is then a few array lookups, not
-# file reads and decoding (5.3 ms of CPU per batch of 16 on the 2-core machine, 8% of a Shapes training step).
+# 20,000 records of 64 tokens and a 128-d embedding, 5.4 MB, in ~3 s): each batch is then a few array lookups, not
+# file reads and decoding (0.39 against 2.9 ms per batch of 16 on the 2-core machine, where grain's threaded reader
+# took 6.1 ms of CPU, ~8% of a Shapes training step: benchmarks/precomputed_read_speed.py).
 DEFAULT_MEMORY_LIMIT_BYTES = 1 << 30
 _VARIABLE_SIZE_BYTES = 1024  # what a text or other variable-size value is assumed to take
 
