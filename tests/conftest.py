@@ -1,4 +1,5 @@
-"""Shared test setup: a persistent JAX compilation cache (also inherited by subprocesses) and seeded fixtures."""
+"""Shared test setup: a persistent JAX compilation cache (also inherited by subprocesses), malloc keeping freed
+memory (as the tools set it) and seeded fixtures."""
 
 import os
 import pathlib
@@ -17,6 +18,10 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 import pathlib as _pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+
+from clipgen_jax import host_memory  # noqa: E402
+
+host_memory.keep_freed_memory()  # as the tools do; subprocesses they start set it themselves
 
 REPO_ROOT = _pathlib.Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ prompts and scores them (see clipgen_jax/demo.py); rerunning reuses finished sta
 from absl import app, flags
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import demo
+from clipgen_jax import demo, host_memory
 from clipgen_jax.training import writer
 
 _OUT = flags.DEFINE_string("out", "runs/shapes", "Output directory (rerunning reuses finished stages).")
@@ -27,6 +27,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     writer.configure_console_logging()
+    host_memory.keep_freed_memory()
     print(demo.markdown(demo.run(_OUT.value, quick=_QUICK.value, clip=_CLIP.value, train_clip=_TRAIN_CLIP.value,
                                 eval_clip=_EVAL_CLIP.value, compare=_COMPARE.value)))
 

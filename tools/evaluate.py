@@ -27,7 +27,7 @@ import pathlib
 from absl import app, flags
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import checkpointing, cli, pipeline
+from clipgen_jax import checkpointing, cli, host_memory, pipeline
 from clipgen_jax.data import images, shapes
 from clipgen_jax.evaluation import clip_scores, fid, generation, reconstruction
 from clipgen_jax.models import clip
@@ -147,6 +147,7 @@ def _evaluate_fid() -> tuple[dict, None]:
 
 def main(argv):
     writer.configure_console_logging()
+    host_memory.keep_freed_memory()
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
         raise app.UsageError(f"usage: evaluate.py {{{'|'.join(SUBCOMMANDS)}}} [flags]")
     evaluate = {"vqgan": _evaluate_vqgan, "clip": _evaluate_clip, "prior": _evaluate_prior,

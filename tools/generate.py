@@ -26,7 +26,7 @@ from absl import app, flags
 from PIL import Image
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import pipeline, vqgan_clip
+from clipgen_jax import host_memory, pipeline, vqgan_clip
 from clipgen_jax.training import writer
 
 DEFAULT_PRIOR = "runs/shapes/prior"  # where tools/demo.py leaves the Shapes prior (../shared/SHAPES.md)
@@ -133,6 +133,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     writer.configure_console_logging()
+    host_memory.keep_freed_memory()
     try:
         print(run())
     except (OSError, ValueError) as error:  # bad prompts, paths or settings: the message says what to do

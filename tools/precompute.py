@@ -10,7 +10,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import cli, locking, parallel, precompute
+from clipgen_jax import cli, host_memory, locking, parallel, precompute
 from clipgen_jax.data import precomputed
 from clipgen_jax.training import writer
 
@@ -24,6 +24,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     writer.configure_console_logging()
     parallel.initialize_multihost(_MULTIHOST.value)
+    host_memory.keep_freed_memory()
     config = _CONFIG.value
     try:
         directory = precompute.precompute(config)

@@ -9,7 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import checkpointing, cli, locking, parallel, training
+from clipgen_jax import checkpointing, cli, host_memory, locking, parallel, training
 from clipgen_jax.training import loop, writer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vqgan.py:shapes.",
@@ -30,6 +30,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     writer.configure_console_logging()
     parallel.initialize_multihost(_MULTIHOST.value)
+    host_memory.keep_freed_memory()
     try:
         training.train(_CONFIG.value, _WORKDIR.value)
     except loop.Preempted as e:
