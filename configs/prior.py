@@ -12,10 +12,11 @@ Presets:
                method); every 2750 steps it samples the 96 held-out canonical prompts (text embeddings, 1 sample each,
                no re-ranking) and logs the oracle's accuracies as eval/shapes/* with a grid in DIR/images.
                4 prefix tokens, token conditioning, dropout 0.1, 11000 steps of batch 16 at peak learning rate 2e-3.
-               Hardware: 2 CPU cores, alone, compilation, 4 evaluations and export included, 2026-11-28: 11.5 min
-               (689 s) on a machine that benchmarks 16.9 steps/s; held-out prompts re-ranked 80.9% all-attribute,
-               shape 86.1%, position 94.1%. With the earlier, slower code on a faster machine (21.9 steps/s): 9.4 min,
-               72.6% all-attribute, shape 84.7% (README "Shapes results").
+               Hardware: 2 CPU cores, alone, compilation, 4 evaluations and export included, 2026-11-28: 9.0 min
+               (543 s for the whole tools/train.py) on the slower of two machines (21 steps/s in
+               benchmarks/prior_speed.py, 16.5 without malloc keeping freed memory: clipgen_jax/host_memory.py);
+               held-out prompts re-ranked 80.9% all-attribute, shape 86.1%, position 94.1%. An earlier run on other
+               VQGAN tokens: 72.6% all-attribute, shape 84.7% (README "Shapes results").
   gpt2_medium  the paper's prior (24 layers, width 1024, 16 heads, 256 tokens of 16384 codes) on ImageNet precomputed
                by configs/precompute.py:imagenet (f16 VQGAN, OpenAI ViT-B/32), bf16 compute, scanned layers.
                Hardware: 8+ accelerators for days (the paper trains for hundreds of thousands of steps).
@@ -76,7 +77,8 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         # 4x the updates, and position needs them: 13000 steps of batch 16 give 63.5%, position 84.0%. Token
         # conditioning: 71.9%, shape 84.4%. Dropout 0.1 cost ~14% per step, so 11000 steps fitted the 10 minutes
         # on that machine: 72.6%, shape 84.7%, position 86.5%; 13000 gave 77.8%, shape 87.8%. Rerun on another
-        # machine's tokens: 80.9%, shape 86.1%, position 94.1% in 11.5 min there (README "Shapes results").
+        # machine's tokens: 80.9%, shape 86.1%, position 94.1%; 9.0 min there once malloc kept freed memory (README
+        # "Shapes results").
         config.optimizer.learning_rate = 2e-3
         config.train.update(steps=11000, batch_size=16, eval_batch_size=256, log_every=250, eval_every=2750,
                             checkpoint_every=2750)

@@ -37,8 +37,8 @@ PRESETS = {
                        mlp_ratio=4, num_prefix_tokens=1, token_conditioning=False, dropout_rate=0.0,
                        scan_layers=False, remat=False),
     # The Shapes VQGAN's 8x8 grid of 256 codes and the Shapes CLIP's 128-d space, sized for a 2-core CPU: the
-    # configs/prior.py:shapes run of 11000 steps of batch 16 trains in 9.4-11.5 min alone on 2 cores with its
-    # evaluations, by the machine (README "Shapes results"; benchmarks/prior_speed.py). Depth 4 cost about 1.5x per
+    # configs/prior.py:shapes run of 11000 steps of batch 16 trains in 9.0-9.4 min alone on 2 cores with its
+    # evaluations (README "Shapes results"; benchmarks/prior_speed.py). Depth 4 cost about 1.5x per
     # step (beside another run); at batch 8 for the 18000 steps that fit, it placed objects worse (an exploratory
     # run). Re-ranked all-attribute accuracy on held-out prompts: 4 prefix tokens 42.4% vs 1 prefix token 34.7% (on
     # the previous 1024-code tokens); token conditioning 71.9% vs 63.5% without, shape 84.4% vs 77.8%; dropout 0.1
