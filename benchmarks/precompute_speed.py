@@ -31,7 +31,7 @@ from PIL import Image
 from tensorflow_datasets.core import example_serializer
 
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
-from clipgen_jax import checkpointing, host_memory, parallel, precompute, training
+from clipgen_jax import checkpointing, parallel, precompute, training
 from clipgen_jax.data import images, precomputed, shapes_tfds
 from clipgen_jax.models import clip, clip_tokenizer, vqgan
 from clipgen_jax.training import clip as clip_training
@@ -47,8 +47,6 @@ _WORKERS = flags.DEFINE_integer("workers", None, "grain decoding processes (0: t
 _COMPUTE_DTYPE = flags.DEFINE_enum("compute_dtype", "float32", list(precompute.COMPUTE_DTYPES), "Compute dtype.")
 _DATA_DIR = flags.DEFINE_string("data_dir", str(pathlib.Path(tempfile.gettempdir()) / "precompute_speed"),
                                 "Where the input data is made once and kept.")
-_KEEP_FREED_MEMORY = flags.DEFINE_bool(
-    "keep_freed_memory", True, "As the tools do: malloc keeps freed memory (clipgen_jax/host_memory.py).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/precompute_speed.jsonl", "JSON-lines results file.")
 
 
@@ -163,7 +161,7 @@ def _time_parts(config, vqgan_path: str, clip_path: str) -> dict[str, float]:
 
 def main(argv):
     del argv
-    keeps_freed_memory = _KEEP_FREED_MEMORY.value and host_memory.keep_freed_memory()
+    host_setting = results_file.set_up_host()
     preset = _PRESET.value
     if preset == "shapes":
         shapes_tfds.prepare("s32", data_dir=_DATA_DIR.value)
@@ -182,7 +180,7 @@ def main(argv):
         "date": datetime.date.today().isoformat(),
         "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "local_device_count": jax.local_device_count(), "preset": preset, "splits": list(config.splits),
-        "malloc_keeps_freed_memory": keeps_freed_memory,
+        **host_setting,
         "num_images": num_images, "batch_size": config.batch_size, "workers": config.data.worker_count,
         "compute_dtype": config.compute_dtype,
         "end_to_end_seconds": round(end_to_end_seconds, 1),  # model loading, hashing and compilation included

@@ -47,8 +47,9 @@ def _make(memory_limit_bytes: int):
 
 def main(argv):
     del argv
+    host_setting = results_file.set_up_host()
     result = {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
-              "dataset": _NAME.value, "split": _SPLIT.value, "batch_size": _BATCH_SIZE.value}
+              "dataset": _NAME.value, "split": _SPLIT.value, "batch_size": _BATCH_SIZE.value, **host_setting}
     result["streamed"] = _time_batches(_make(0))
     start = time.perf_counter()
     in_memory = _make(precomputed.DEFAULT_MEMORY_LIMIT_BYTES)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from clipgen_jax import host_memory, sampling
+from clipgen_jax import sampling
 from clipgen_jax.models import prior
 
 import results_file  # benchmarks/results_file.py (this script's folder is on sys.path)
@@ -37,8 +37,6 @@ _SAMPLE = flags.DEFINE_bool("sample", True, "Also time sampling (--nosample: tra
 _GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 3.0, "Guidance scale of the guided cached timing.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "Peak dense TFLOP/s of one device for MFU.")
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Model field overrides, e.g. --set=depth=2 --set=scan_layers=true.")
-_KEEP_FREED_MEMORY = flags.DEFINE_bool(
-    "keep_freed_memory", True, "As the tools do: malloc keeps freed memory (clipgen_jax/host_memory.py).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/prior_speed.jsonl", "JSON-lines results file.")
 
 
@@ -137,7 +135,7 @@ def _benchmark_sampling(model: prior.Prior, params) -> dict:
 
 def main(argv):
     del argv
-    keeps_freed_memory = _KEEP_FREED_MEMORY.value and host_memory.keep_freed_memory()
+    host_setting = results_file.set_up_host()
     fields = _model_fields()
     model = prior.Prior(**fields, dtype=_compute_dtype(), param_dtype=jnp.float32)
     params = jax.jit(prior.init_params, static_argnums=0)(model, jax.random.PRNGKey(0))
@@ -145,7 +143,7 @@ def main(argv):
         "date": datetime.date.today().isoformat(),
         "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "device_count": 1,
         "preset": _PRESET.value, "overrides": _OVERRIDES.value, "compute_dtype": jnp.dtype(model.dtype).name,
-        "params": sum(p.size for p in jax.tree.leaves(params)), "malloc_keeps_freed_memory": keeps_freed_memory,
+        "params": sum(p.size for p in jax.tree.leaves(params)), **host_setting,
         **_benchmark_training(model, params, _BATCH_SIZE.value),
         **(_benchmark_sampling(model, params) if _SAMPLE.value else {}),
     }

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from clipgen_jax import host_memory, training
+from clipgen_jax import training
 from clipgen_jax.models import lpips
 from clipgen_jax.training import vqgan as vqgan_training
 
@@ -34,8 +34,6 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "Peak dense TFLOP/s of o
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Config overrides, e.g. --set=model.ch=32.")
 _RANDOM_LPIPS = flags.DEFINE_bool("random_lpips", False, "Time the perceptual loss with random LPIPS weights "
                                    "(speed does not depend on them) instead of the fetched ones.")
-_KEEP_FREED_MEMORY = flags.DEFINE_bool(
-    "keep_freed_memory", True, "As the tools do: malloc keeps freed memory (clipgen_jax/host_memory.py).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/vqgan_speed.jsonl", "JSON-lines results file.")
 
 
@@ -65,7 +63,7 @@ def _flops(compiled) -> float | None:
 
 def main(argv):
     del argv
-    keeps_freed_memory = _KEEP_FREED_MEMORY.value and host_memory.keep_freed_memory()
+    host_setting = results_file.set_up_host()
     config = training.load_config(f"configs/vqgan.py:{_PRESET.value}")
     config.train.compute_dtype = _COMPUTE_DTYPE.value
     for assignment in _OVERRIDES.value:
@@ -104,7 +102,7 @@ def main(argv):
         "date": datetime.date.today().isoformat(),
         "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "device_count": 1,
         "preset": _PRESET.value, "overrides": _OVERRIDES.value, "batch_size": batch_size,
-        "compute_dtype": jnp.dtype(stage.model.dtype).name, "malloc_keeps_freed_memory": keeps_freed_memory,
+        "compute_dtype": jnp.dtype(stage.model.dtype).name, **host_setting,
         "perceptual": stage.use_perceptual, "random_lpips": _RANDOM_LPIPS.value, "gan": stage.use_gan,
         "train_images_per_second": batch_size / step_seconds,
         "encode_images_per_second": batch_size / encode_seconds,
