@@ -1,4 +1,4 @@
-"""The Shapes demo behind `make demo`: the whole CLIP-GEN chain on the offline Shapes world (../shared/SHAPES.md).
+"""The Shapes demo behind `make demo`: the whole CLIP-GEN chain on the offline Shapes world (docs/SHAPES.md).
 
 Stages, each a library call:
   1. build the Shapes TFDS data into OUT/data (`shapes_tfds.prepare`),
@@ -14,9 +14,9 @@ Stages, each a library call:
      IMAGES_PER_PROMPT images per prompt for the first seed, both from the evaluation CLIP (EVAL_CLIP, never the one
      that conditions and re-ranks); a grid of the first GRID_PROMPTS prompts goes to OUT/samples_heldout.png.
 Results go to OUT/results.json and OUT/results.md: stage times, the VQGAN table, the CLIP used, the generation scores
-(mean and standard deviation over the seeds) and issue 7's time budget beside the measured times.
+(mean and standard deviation over the seeds) and the time budget beside the measured times.
 
-`compare` (issue 7's `--compare`) then trains the ablations and the upper bound of COMPARE_PRIORS into OUT/compare/
+`compare` (`--compare`) then trains the ablations and the upper bound of COMPARE_PRIORS into OUT/compare/
 (the same prior recipe with one conditioning switch changed) and scores each like the main prior (re-ranked), and
 VQGAN+CLIP (the optimisation baseline, on the demo's VQGAN and conditioning CLIP) the same way, into one table with
 the main prior's rows: results["compare"].
@@ -89,7 +89,7 @@ QUICK_VQGAN_CLIP_STEPS = 3
 VQGAN_CLIP_LABEL = "VQGAN+CLIP (optimisation, {steps} steps, best of {candidates})"
 COMPARE_BUDGET_MINUTES = 90
 
-# Issue 7's budget on the 2-core CPU, compilation included: (label, stages counted, minutes).
+# The demo's time budget on a 2-core CPU, compilation included: (label, stages counted, minutes).
 BUDGET = (
     ("VQGAN (train + evaluate)", ("train_vqgan", "evaluate_vqgan"), 12),
     ("precompute", ("precompute",), 2),
@@ -356,7 +356,7 @@ def captioned_grid(images_PKHWC: np.ndarray, prompts: list[str]) -> np.ndarray:
 
 
 def budget(seconds: dict[str, float | None]) -> list[dict]:
-    """Issue 7's budget lines with the measured minutes beside them (stages absent from `seconds` count 0; a line
+    """The budget lines with the measured minutes beside them (stages absent from `seconds` count 0; a line
     with a stage whose time is None, not recorded, has measured_minutes and within None)."""
 
     def line(label, stages, limit):
@@ -412,7 +412,7 @@ def markdown(results: dict) -> str:
            "The language-free prior's ablations and the text-supervised upper bound, each the same recipe with one "
            f"conditioning switch changed, re-ranked (best of {prior['num_candidates']}) and scored as above.", "",
            generation.markdown_table(results["compare"], prior["eval_clip"])] if "compare" in results else []),
-        "", "## Time budget (2-core CPU in issue 7; minutes, compilation included)", "",
+        "", "## Time budget (for a 2-core CPU; minutes, compilation included)", "",
         "| stage | budget | measured | within |", "|---|---|---|---|",
         *(f"| {line['stage']} | {line['limit_minutes']} | " + (
             "not recorded | unknown |" if line["within"] is None else

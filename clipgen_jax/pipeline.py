@@ -401,7 +401,7 @@ def check_sampling_settings(temperature: float, top_k: int | None, top_p: float 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompts files and the output layout of ../shared/SHAPES.md "Generated images".
+# Prompts files and the output layout of docs/SHAPES.md "Generated images".
 
 
 def read_prompts_file(path: str | pathlib.Path) -> list[str]:

@@ -93,7 +93,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise PrecomputeError(f"views={config.views} must be at least 1")
     if config.views > 1 and images.is_shapes(config.data):
         raise PrecomputeError(f"Shapes refuses augmented views (views={config.views}): a mirrored or shifted image "
-                              "can be a held-out combination (SHAPES.md); set views=1")
+                              "can be a held-out combination (docs/SHAPES.md); set views=1")
     if config.data.crop != "center" or config.data.flip:
         raise PrecomputeError(f"precompute augments through `views` (view 0 is the center crop), not data.crop="
                               f"{config.data.crop!r} / data.flip={config.data.flip}; set data.crop='center' and "

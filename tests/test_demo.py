@@ -1,5 +1,5 @@
 """`tools/demo.py --quick` as CI runs it: the whole chain (Shapes, VQGAN, CLIP, precompute, prior, generation and the
-oracle's scores) on the tiny Shapes build, the output layout of ../shared/SHAPES.md, and a rerun that reuses it."""
+oracle's scores) on the tiny Shapes build, the output layout of docs/SHAPES.md, and a rerun that reuses it."""
 
 import json
 import pathlib

@@ -1,4 +1,4 @@
-"""`tools/generate.py` as a user runs it: the ../shared/SHAPES.md output layout from a prompts file, variations of an
+"""`tools/generate.py` as a user runs it: the docs/SHAPES.md output layout from a prompts file, variations of an
 image, and one-line errors for bad prompts, files and priors that leave no OUT behind."""
 
 import json
@@ -32,7 +32,7 @@ def _run(*args, cwd=REPO_ROOT):
 
 
 def check_two_prompts_two_kept(out: pathlib.Path) -> list[dict]:
-    """The SHAPES.md layout for PROMPTS with keep=2 and seed 3; returns samples.json's records."""
+    """The docs/SHAPES.md layout for PROMPTS with keep=2 and seed 3; returns samples.json's records."""
     assert sorted(p.name for p in out.iterdir()) == ["0000_00.png", "0000_01.png", "0001_00.png", "0001_01.png",
                                                      "grid.png", "samples.json"]
     records = json.loads((out / "samples.json").read_text())

@@ -1,6 +1,6 @@
 """The VQGAN+CLIP baseline on tiny random models: the optimisation raises CLIP similarity, its outputs are VQGAN
 decodings of codebook tokens, seeds reproduce, `generate` returns what `Pipeline.generate` does, and
-`tools/generate.py --method vqgan_clip` writes the ../shared/SHAPES.md layout or refuses bad input with one line."""
+`tools/generate.py --method vqgan_clip` writes the docs/SHAPES.md layout or refuses bad input with one line."""
 
 import pathlib
 import re

@@ -18,7 +18,7 @@ _CLIP = flags.DEFINE_string("clip", demo.DEFAULT_CLIP, "The frozen CLIP that con
 _EVAL_CLIP = flags.DEFINE_string("eval-clip", demo.EVAL_CLIP, "The CLIP that scores generated images (CLIP score, "
                                  "FD-CLIP); it must not be the one that conditions and re-ranks.")
 _COMPARE = flags.DEFINE_bool("compare", False, "Also train and score the ablations (embedding noise, guidance) and the "
-                              "text-supervised prior into one table (issue 7; <= 90 minutes in all).")
+                              "text-supervised prior into one table (budget on a 2-core CPU: 90 minutes in all).")
 _TRAIN_CLIP = flags.DEFINE_bool("train-clip", False, "Train the CLIP from scratch into OUT/clip "
                                 "(configs/clip.py:shapes, :tiny with --quick) and use OUT/clip/export.")
 

@@ -11,7 +11,7 @@
   python tools/evaluate.py prior --prior=runs/shapes/prior [--eval_clip=shapes-clip-eval] [--prompts=FILE]
       Generates with the prior (its VQGAN and CLIP, re-ranking by that CLIP) and scores the images with another CLIP:
       CLIP score and FD-CLIP against the --split images, and on Shapes the oracle's accuracies on the held-out
-      canonical captions (SHAPES.md "Scores"), each as mean and std over --seeds, with re-ranking (best of
+      canonical captions (docs/SHAPES.md "Scores"), each as mean and std over --seeds, with re-ranking (best of
       --num_candidates) and without. Prompts: the Shapes held-out captions, a --prompts file, or the captions of
       --split. Also writes a markdown table beside the JSON.
   python tools/evaluate.py fid --generated=DIR --reference=DIR [--fid_mode=clean] [--device=cpu]
@@ -49,7 +49,7 @@ _PROMPTS = flags.DEFINE_string("prompts", None, "prior: prompts file (one per li
                                "canonical captions, or the captions of --split.")
 _COMBINATIONS = flags.DEFINE_enum(
     "combinations", "heldout", ["heldout", "training"],
-    "prior, on Shapes without --prompts: score the canonical captions of the 96 held-out combinations (SHAPES.md "
+    "prior, on Shapes without --prompts: score the canonical captions of the 96 held-out combinations (docs/SHAPES.md "
     "\"Scores\") or of 96 training combinations (every ninth of the 876), which tells composition errors apart.")
 _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 1000, "prior: at most this many prompts from --split's captions.")
 _NUM_CANDIDATES = flags.DEFINE_integer("num_candidates", 16, "prior: candidates per image for the re-ranked row.")

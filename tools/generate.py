@@ -29,7 +29,7 @@ import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
 from clipgen_jax import host_memory, pipeline, vqgan_clip
 from clipgen_jax.training import writer
 
-DEFAULT_PRIOR = "runs/shapes/prior"  # where tools/demo.py leaves the Shapes prior (../shared/SHAPES.md)
+DEFAULT_PRIOR = "runs/shapes/prior"  # where tools/demo.py leaves the Shapes prior (docs/SHAPES.md)
 # Candidates per prompt when --num_candidates is not given: a VQGAN+CLIP candidate is a whole optimisation, so it
 # draws fewer.
 DEFAULT_CANDIDATES = {"prior": 16, "vqgan_clip": 4}

@@ -5,7 +5,7 @@ Caption sources (`caption_config.source`):
 - "feature": a text feature of a TFDS dataset (`caption_config.key`, default "caption");
 - "sidecar": for an image folder, the `.txt` file beside each image (`cat.jpg` -> `cat.txt`); images without one are
   skipped and counted like unreadable images;
-- "shapes_templates": on the Shapes world, a fresh random training caption per example (SHAPES.md's templates and
+- "shapes_templates": on the Shapes world, a fresh random training caption per example (docs/SHAPES.md's templates and
   synonyms), optionally with `hard_negatives` captions of neighbouring combinations in the same wording.
 "auto" picks "shapes_templates" on Shapes, "sidecar" for folders and "feature" for TFDS.
 """

@@ -313,7 +313,7 @@ def _check_config(data_config: ml_collections.ConfigDict) -> None:
     if is_shapes(data_config) and (data_config.flip or data_config.crop == "random"):
         raise ValueError(
             f"Shapes refuses flip and random crop (data.flip={data_config.flip}, data.crop={data_config.crop!r}): "
-            "a mirrored or shifted training image can be a held-out combination (SHAPES.md); "
+            "a mirrored or shifted training image can be a held-out combination (docs/SHAPES.md); "
             "set data.flip=False and data.crop='center'")
 
 

@@ -1,4 +1,4 @@
-"""The Shapes world: procedural captioned images, held-out combinations and an oracle (specified in SHAPES.md).
+"""The Shapes world: procedural captioned images, held-out combinations and an oracle (specified in docs/SHAPES.md).
 
 Pretrained CLIP weights and COCO cannot be downloaded on the project's machines, so every stage of CLIP-GEN is trained
 and measured on this small world instead: one object (shape, colour, size, position) on a plain background, captions
@@ -231,7 +231,7 @@ def random_captions(combinations: Sequence[Attributes], rng: np.random.Generator
 def hard_negative_combinations(attrs: Attributes, count: int, rng: np.random.Generator,
                                attribute_weights: Sequence[float] | None = None) -> list[Attributes]:
     """`count` distinct TRAINING combinations that each differ from `attrs` in exactly one attribute: contrastive hard
-    negatives that never name a held-out combination, as SHAPES.md requires of everything a training stage sees.
+    negatives that never name a held-out combination, as docs/SHAPES.md requires of everything a training stage sees.
 
     The changed attribute is drawn with `attribute_weights` (in ATTRIBUTE_NAMES order; default uniform), then its
     new value uniformly.

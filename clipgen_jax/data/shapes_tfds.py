@@ -61,7 +61,7 @@ class ClipgenShapes(tfds.core.GeneratorBasedBuilder):
                   for name, values in shapes.ATTRIBUTE_VALUES.items()}
         return tfds.core.DatasetInfo(
             builder=self,
-            description="The Shapes world (SHAPES.md): one shape on a plain background, its canonical "
+            description="The Shapes world (docs/SHAPES.md): one shape on a plain background, its canonical "
                         "caption and its five attribute labels; `heldout` holds the combinations training never sees.",
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),

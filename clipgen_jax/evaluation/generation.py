@@ -3,13 +3,13 @@
 - CLIP score: 100 * max(cos, 0) between each generated image and its prompt, averaged over images.
 - FD-CLIP: the Frechet distance between Gaussians fitted to the L2-normalised CLIP image embeddings of the generated
   and of the reference images. It is FID's formula on CLIP features, not FID (no Inception network is involved).
-- Shapes oracle: per-attribute and all-attribute accuracy of one image per prompt (../shared/SHAPES.md "Scores").
+- Shapes oracle: per-attribute and all-attribute accuracy of one image per prompt (docs/SHAPES.md "Scores").
 The CLIP that scores must not be the one that conditions and re-ranks the generator (on Shapes: "shapes-clip-eval").
 
 A method is a `GenerateFn(texts, num_candidates, seed) -> uint8 images [len(texts), H, W, 3]`: the best image of
 `num_candidates` for each text by the method's own ranking (one sample when `num_candidates` is 1). Each prompt is
 repeated `images_per_prompt` times, so FD-CLIP and CLIP score see several independent images per prompt while the
-oracle scores the first image of each prompt, as SHAPES.md defines.
+oracle scores the first image of each prompt, as docs/SHAPES.md defines.
 """
 
 from __future__ import annotations

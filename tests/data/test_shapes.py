@@ -1,4 +1,4 @@
-"""The Shapes world against SHAPES.md: combinations, rendering, captions, the oracle and the splits."""
+"""The Shapes world against docs/SHAPES.md: combinations, rendering, captions, the oracle and the splits."""
 
 import itertools
 

@@ -20,7 +20,7 @@ from clipgen_jax import checkpointing, parallel, training
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 INJECT = str(pathlib.Path(__file__).with_name("inject.py"))
 
-# Drawn once per session unless set, so that many CI runs cover many kill points; a failure names it (and the
+# Drawn once per pytest run unless set, so that many CI runs cover many kill points; a failure names it (and the
 # terminal summary prints it) so that `CLIPGEN_FAULT_SEED=<seed> python -m pytest -m faults` replays the same points.
 SEED_ENV_VAR = "CLIPGEN_FAULT_SEED"
 FAULT_SEED = int(os.environ.get(SEED_ENV_VAR) or secrets.randbelow(2**31))
