@@ -77,6 +77,7 @@ def test_render_is_deterministic_for_a_generator():
 
 @pytest.mark.parametrize("image_size", [32, 64, 128, 256])
 def test_oracle_reads_fresh_renders(image_size):
+    """Every attribute right under the strict reading: the shape margin clears MIN_SHAPE_MARGIN too."""
     rng = np.random.default_rng(1000 + image_size)
     combinations = shapes.all_combinations()
     expected = [combinations[i] for i in rng.integers(len(combinations), size=2000)]
@@ -85,7 +86,23 @@ def test_oracle_reads_fresh_renders(image_size):
     print(f"S={image_size}: " + ", ".join(f"{name} {value:.4f}" for name, value in scores.items()))
     for name in shapes.ATTRIBUTE_NAMES:
         assert scores[name] >= 0.995, (name, scores)
+    assert scores["margin_below_min"] <= 0.005 and scores["shape"] <= scores["lenient_shape"]
     assert scores["no_object"] == 0.0 and scores["several_objects"] == 0.0
+
+
+def test_a_shape_between_two_shapes_is_ambiguous_and_wrong_in_the_strict_reading():
+    attrs = Attributes(0, 0, 0, 4, 1)  # a small red circle in the center, on white
+    centre = shapes.cell_centre(attrs.position, 32)
+    circle = shapes.render_at(attrs, 32, centre)
+    dome = circle.copy()  # round at the top, flat at the bottom
+    dome[16:] = shapes.render_at(attrs._replace(shape=1), 32, centre)[16:]
+    clear, ambiguous = shapes.oracle(circle), shapes.oracle(dome)
+    assert clear.margin >= shapes.MIN_SHAPE_MARGIN and not clear.ambiguous
+    assert ambiguous == shapes.OracleResult("ok", attrs) and ambiguous.margin < shapes.MIN_SHAPE_MARGIN
+    assert ambiguous.ambiguous
+    scores = shapes.score_images([circle, dome], [attrs, attrs])
+    assert (scores["shape"], scores["all"], scores["lenient_shape"], scores["lenient_all"]) == (0.5, 0.5, 1.0, 1.0)
+    assert scores["colour"] == scores["position"] == 1.0 and scores["margin_below_min"] == 0.5
 
 
 @pytest.mark.parametrize("image_size", [32, 256])
@@ -118,8 +135,11 @@ def test_score_images_counts_refusals_as_wrong():
     rendered = shapes.render(attrs, 32, np.random.default_rng(0))
     blank = np.full_like(rendered, 128)
     scores = shapes.score_images([rendered, blank], [attrs, attrs])
+    margins = {key: scores.pop(key) for key in ("margin_median", "margin_p10", "margin_below_min")}
     assert scores == {"shape": 0.5, "colour": 0.5, "size": 0.5, "position": 0.5, "background": 0.5, "all": 0.5,
-                      "no_object": 0.5, "several_objects": 0.0}
+                      "lenient_shape": 0.5, "lenient_all": 0.5, "no_object": 0.5, "several_objects": 0.0}
+    assert margins["margin_median"] == margins["margin_p10"] == shapes.oracle(rendered).margin  # the one read image
+    assert margins["margin_below_min"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
