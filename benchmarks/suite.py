@@ -7,7 +7,7 @@
 
 Each benchmark runs in its own process (one's failure or --timeout does not stop the others; each gets the whole
 accelerator memory) and appends one JSON line with device and date to `<results_dir>/<name>.jsonl`. The suite then
-rewrites `<results_dir>/RESULTS.md` from every line there: the tables the README's performance section quotes.
+rewrites `<results_dir>/RESULTS.md` from every line there: the one place the project keeps speed figures.
 Random weights throughout: speed does not depend on them (the VQGAN's LPIPS too, when its weights are not fetched).
 """
 
