@@ -197,6 +197,10 @@ def check_models(metadata: Mapping[str, Any], prior_path: str | pathlib.Path, vq
         return
     for what, flag, given in (("VQGAN", "vqgan", vqgan_identity), ("CLIP", "clip", clip_identity)):
         stored = identities[flag]
+        if stored["weights_hash"] is None:  # a converted prior whose CLIP was named by Hub id, not loaded
+            logger.warning("the prior %s records the %s %s unverified (no weights hash): not checking that %s is "
+                           "the one it was trained with", prior_path, what, stored.get("name"), given.get("name"))
+            continue
         if stored["weights_hash"] != given["weights_hash"]:
             given_name = given.get("path", given.get("name"))
             stored_name = stored.get("path", stored.get("name"))

@@ -8,11 +8,11 @@ refuses the file) a restricted reader that runs no code from the file reads it.
 """
 
 import pickle
-import sys
 import zipfile
 
 from absl import app, flags
 
+from clipgen_jax import cli
 from clipgen_jax.models import taming_import
 
 _CKPT = flags.DEFINE_string("ckpt", None, "taming's .ckpt file (a PyTorch Lightning checkpoint).")
@@ -32,10 +32,9 @@ def main(argv):
     except (OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         # OSError: missing input, existing output; ValueError: TamingImportError (bad YAML, mismatched keys);
         # UnpicklingError: UnsafePickleError or a damaged checkpoint.
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # torch's messages span several lines
-        sys.exit(1)
+        cli.fail(str(e))  # one line: torch's messages span several
     print(f"wrote {bundle}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -7,10 +7,16 @@ j + 1, so the last prefix position predicts the first image token and the last i
 each position sees the condition directly instead of only through attention to the prefix.
 
 Blocks are pre-LayerNorm (attention, GELU MLP) with learned positional embeddings, a final LayerNorm and an untied
-output head, initialised as GPT-2. `__call__` is the training forward (all positions at once, causal); `prefill` and
-`decode` run the same weights over a preallocated KV cache (`init_cache`) that they update in place, one jitted
-sampling loop with fixed shapes (clipgen_jax.sampling). The cache is explicit, not a Flax collection, so that the
-scanned and unrolled layer stacks share one layout: keys and values [depth, batch, positions, heads, head_dim].
+output head, initialised as GPT-2. Three switches reproduce CLIP-GEN's official prior (torch's
+`nn.TransformerEncoderLayer(norm_first=True, activation=F.gelu)` blocks; clipgen_jax/models/clipgen_import.py):
+`head_bias`, `exact_gelu` (erf instead of the tanh approximation) and `inner_dropout` (dropout also on the
+attention probabilities and after the MLP's GELU: five places with the embeddings' and the two residual
+branches'). Their defaults are the model every earlier bundle holds.
+
+`__call__` is the training forward (all positions at once, causal); `prefill` and `decode` run the same weights
+over a preallocated KV cache (`init_cache`) that they update in place, one jitted sampling loop with fixed shapes
+(clipgen_jax.sampling). The cache is explicit, not a Flax collection, so that the scanned and unrolled layer stacks
+share one layout: keys and values [depth, batch, positions, heads, head_dim].
 """
 
 from __future__ import annotations
@@ -26,16 +32,17 @@ LAYER_NORM_EPSILON = 1e-5  # GPT-2's
 INIT_STDDEV = 0.02  # GPT-2's; residual projections are scaled by 1 / sqrt(2 * depth) on top
 
 CONFIG_FIELDS = ("vocab_size", "num_tokens", "cond_dim", "width", "depth", "num_heads", "mlp_ratio",
-                 "num_prefix_tokens", "token_conditioning", "dropout_rate", "scan_layers", "remat")
+                 "num_prefix_tokens", "token_conditioning", "dropout_rate", "scan_layers", "remat", "head_bias",
+                 "exact_gelu", "inner_dropout")
 
 PRESETS = {
     # CLIP-GEN's prior (GPT-2 medium) over a 16x16 grid of a 16384-code VQGAN, conditioned on ViT-B/32's 512-d space.
     "gpt2_medium": dict(vocab_size=16384, num_tokens=256, cond_dim=512, width=1024, depth=24, num_heads=16,
                         mlp_ratio=4, num_prefix_tokens=1, token_conditioning=False, dropout_rate=0.0,
-                        scan_layers=False, remat=False),
+                        scan_layers=False, remat=False, head_bias=False, exact_gelu=False, inner_dropout=False),
     "gpt2_large": dict(vocab_size=16384, num_tokens=256, cond_dim=512, width=1280, depth=36, num_heads=20,
                        mlp_ratio=4, num_prefix_tokens=1, token_conditioning=False, dropout_rate=0.0,
-                       scan_layers=False, remat=False),
+                       scan_layers=False, remat=False, head_bias=False, exact_gelu=False, inner_dropout=False),
     # The Shapes VQGAN's 8x8 grid of 256 codes and the Shapes CLIP's 128-d space, sized for a 2-core CPU: the
     # configs/prior.py:shapes run of 11000 steps of batch 16 trains in 9.0-9.4 min alone on 2 cores with its
     # evaluations (README "Shapes results"; benchmarks/prior_speed.py). Depth 4 cost about 1.5x per
@@ -45,7 +52,7 @@ PRESETS = {
     # then lifts every attribute (README "Shapes results").
     "shapes": dict(vocab_size=256, num_tokens=64, cond_dim=128, width=128, depth=3, num_heads=4,
                    mlp_ratio=4, num_prefix_tokens=4, token_conditioning=True, dropout_rate=0.1,
-                   scan_layers=False, remat=False),
+                   scan_layers=False, remat=False, head_bias=False, exact_gelu=False, inner_dropout=False),
 }
 
 
@@ -97,6 +104,8 @@ class Block(nn.Module):
     mlp_ratio: int
     depth: int
     dropout_rate: float = 0.0
+    exact_gelu: bool = False
+    inner_dropout: bool = False
     attention_impl: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -114,7 +123,9 @@ class Block(nn.Module):
         h = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, name="attention_norm", **kw)(x_BSW)
         qkv = nn.DenseGeneral((3, self.num_heads, head_dim), kernel_init=_dense_init(), name="qkv", **kw)(h)
         q_BSHK, k_BSHK, v_BSHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if cache is None:
+        if cache is None and self._drops_inside(deterministic):
+            attended = self._causal_attention_with_dropout(q_BSHK, k_BSHK, v_BSHK)
+        elif cache is None:
             attended = jax.nn.dot_product_attention(q_BSHK, k_BSHK, v_BSHK, is_causal=True,
                                                     implementation=self._causal_impl())
         else:
@@ -131,10 +142,27 @@ class Block(nn.Module):
         x_BSW = x_BSW + Dropout(self.dropout_rate)(out, deterministic=deterministic)
 
         h = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, name="mlp_norm", **kw)(x_BSW)
-        h = nn.gelu(nn.Dense(self.width * self.mlp_ratio, kernel_init=_dense_init(), name="mlp_in", **kw)(h))
+        h = nn.gelu(nn.Dense(self.width * self.mlp_ratio, kernel_init=_dense_init(), name="mlp_in", **kw)(h),
+                    approximate=not self.exact_gelu)
+        if self._drops_inside(deterministic):
+            h = Dropout(self.dropout_rate, name="mlp_hidden_dropout")(h, deterministic=False)
         h = nn.Dense(self.width, kernel_init=residual_init, name="mlp_out", **kw)(h)
         x_BSW = x_BSW + Dropout(self.dropout_rate)(h, deterministic=deterministic)
         return (x_BSW, cache), None
+
+    def _drops_inside(self, deterministic: bool) -> bool:
+        return self.inner_dropout and self.dropout_rate > 0 and not deterministic
+
+    def _causal_attention_with_dropout(self, q_BSHK, k_BSHK, v_BSHK):
+        """Causal attention with dropout on its probabilities (torch's nn.MultiheadAttention), which
+        jax.nn.dot_product_attention has no option for: the training forward of `inner_dropout` only."""
+        length = q_BSHK.shape[1]
+        logits_BHST = jnp.einsum("bshk,bthk->bhst", q_BSHK, k_BSHK).astype(jnp.float32)
+        logits_BHST = logits_BHST / math.sqrt(q_BSHK.shape[-1])
+        causal_ST = jnp.tril(jnp.ones((length, length), jnp.bool_))
+        probs_BHST = jax.nn.softmax(jnp.where(causal_ST, logits_BHST, -jnp.inf), axis=-1).astype(self.dtype)
+        probs_BHST = Dropout(self.dropout_rate, name="attention_probs_dropout")(probs_BHST, deterministic=False)
+        return jnp.einsum("bhst,bthk->bshk", probs_BHST, v_BSHK)
 
     def _causal_impl(self) -> str | None:
         """The causal kernel: with "auto", cuDNN flash attention where it applies (an NVIDIA GPU, 16-bit compute,
@@ -159,6 +187,9 @@ class Prior(nn.Module):
     num_prefix_tokens: int = 1
     token_conditioning: bool = False
     dropout_rate: float = 0.0
+    head_bias: bool = False
+    exact_gelu: bool = False
+    inner_dropout: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
@@ -189,14 +220,15 @@ class Prior(nn.Module):
             # prevent_cse is only needed outside scan, where XLA could otherwise merge the recomputation away.
             block = nn.remat(Block, static_argnums=(4,), prevent_cse=not self.scan_layers)
         block_kw = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, depth=self.depth,
-                        dropout_rate=self.dropout_rate, attention_impl=self.attention_impl, **kw)
+                        dropout_rate=self.dropout_rate, exact_gelu=self.exact_gelu, inner_dropout=self.inner_dropout,
+                        attention_impl=self.attention_impl, **kw)
         if self.scan_layers:
             self.blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                                   in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth)(**block_kw)
         else:
             self.blocks = [block(**block_kw) for _ in range(self.depth)]
         self.final_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, **kw)
-        self.head = nn.Dense(self.vocab_size, use_bias=False, kernel_init=_dense_init(), **kw)
+        self.head = nn.Dense(self.vocab_size, use_bias=self.head_bias, kernel_init=_dense_init(), **kw)
 
     def _embed_condition(self, cond_BD, use_null_B):
         """-> the prefix tokens [B, P, W], and the condition added to every image token [B, W] (zeros without

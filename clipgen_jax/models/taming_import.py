@@ -1,7 +1,9 @@
-"""Imports a taming-transformers VQGAN (a PyTorch Lightning `.ckpt` and its model YAML) as an inference bundle.
+"""Imports a taming-transformers VQGAN (a PyTorch Lightning `.ckpt` and its model YAML) as an inference bundle; the
+reader and the state-dict mapping are shared with clipgen_jax.models.clipgen_import (CLIP-GEN's official models).
 
 Three steps, each usable alone:
-- `read_state_dict`: the checkpoint's `state_dict` as numpy arrays. With torch installed,
+- `read_state_dict`: the checkpoint's state dict (its `state_dict` or `model` entry, or the whole file) as numpy
+  arrays. With torch installed,
   `torch.load(weights_only=True)` reads it; otherwise, or when torch refuses the file (taming's released checkpoints
   hold a Lightning callback class, which `weights_only` rejects), a restricted unpickler reads the zip archive
   itself. That reader resolves only tensor-rebuild functions and storage-type names, all bound to this module's own
@@ -20,7 +22,7 @@ import pathlib
 import pickle
 import re
 import zipfile
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import flax
 import jax
@@ -35,16 +37,22 @@ logger = logging.getLogger(__name__)
 
 Reader = Literal["auto", "torch", "restricted"]
 StateDict = dict[str, np.ndarray]
+# Where a param comes from: the state-dict key, that tensor's shape there, and the function from it to the param.
+Source = tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
 
 # taming's VQModel builds its VectorQuantizer2 with beta 0.25 and the default legacy=True (beta on the codebook term).
 TAMING_BETA = 0.25
 TAMING_LEGACY_BETA = True
 # The discriminator and LPIPS weights of taming's training loss: not part of the tokenizer.
-IGNORED_PREFIXES = ("loss.",)
+IGNORED_KEYS = re.compile(r"loss\.")
 SUPPORTED_TARGETS = ("taming.models.vqgan.VQModel",)
 
 
-class TamingImportError(ValueError):
+class CheckpointImportError(ValueError):
+    """A torch checkpoint that cannot be read, or whose tensors do not match the model it should hold."""
+
+
+class TamingImportError(CheckpointImportError):
     """The checkpoint or config is not a taming VQGAN that this project's VQGAN can reproduce."""
 
 
@@ -111,25 +119,32 @@ _RESTRICTED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+# The entries that hold the model's state dict beside training state (optimizer, epoch, ...): Lightning's, and
+# `torch.save({'model': state_dict, ...})`'s (CLIP-GEN's releases).
+_STATE_DICT_ENTRIES = ("state_dict", "model")
+
+
 def _state_dict_of(checkpoint: Any, path: pathlib.Path) -> Mapping[str, Any]:
-    """A Lightning checkpoint's `state_dict` entry, or the checkpoint itself when it is a bare state dict."""
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state_dict, Mapping):
-        raise TamingImportError(f"{path} holds neither a Lightning checkpoint nor a state dict")
-    return state_dict
+    """The checkpoint's `state_dict` or `model` entry, or the checkpoint itself when it is a bare state dict."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointImportError(f"{path} holds no state dict (a {type(checkpoint).__name__}, not a dict)")
+    for entry in _STATE_DICT_ENTRIES:
+        if isinstance(checkpoint.get(entry), Mapping):
+            return checkpoint[entry]
+    return checkpoint
 
 
 def _read_restricted(path: pathlib.Path) -> Mapping[str, Any]:
     """The state dict, unpickled with `_RESTRICTED_GLOBALS` only; tensors come back as numpy arrays."""
     if not zipfile.is_zipfile(path):
-        raise TamingImportError(
+        raise CheckpointImportError(
             f"{path} is not a zip-format torch checkpoint, the only format the restricted reader reads (torch < 1.6 "
             f"wrote a legacy format, which only the torch reader reads)")
     with zipfile.ZipFile(path) as archive:
         names = set(archive.namelist())
         pickles = [name for name in names if name.endswith("/data.pkl") and name.count("/") == 1]
         if len(pickles) != 1:
-            raise TamingImportError(f"{path} is a zip file but not a torch checkpoint (no single <name>/data.pkl)")
+            raise CheckpointImportError(f"{path} is a zip file but not a torch checkpoint (no single <name>/data.pkl)")
         prefix = pickles[0].removesuffix("data.pkl")
         big_endian = f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() == b"big"
         storages: dict[str, np.ndarray] = {}
@@ -177,8 +192,9 @@ def _torch_available() -> bool:
 
 
 def read_state_dict(ckpt_path: str | pathlib.Path, *, reader: Reader = "auto") -> StateDict:
-    """The `state_dict` of a Lightning `.ckpt` (or a bare state dict saved with `torch.save`) as numpy arrays (the
-    restricted reader's are read-only views of the file's storages).
+    """The state dict of a Lightning `.ckpt`, of a `torch.save({'model': state_dict, ...})` file or a bare state dict
+    saved with `torch.save`, as numpy arrays (the restricted reader's are read-only views of the file's storages).
+    The file's other entries (optimizer state, epoch, ...) are read but not returned.
 
     `reader`: "torch" (`torch.load(weights_only=True)`), "restricted" (this module's own reader, no torch needed) or
     "auto" (torch when installed and it accepts the file, else the restricted reader).
@@ -200,7 +216,7 @@ def read_state_dict(ckpt_path: str | pathlib.Path, *, reader: Reader = "auto") -
         raise ValueError(f"reader {reader!r} is not one of 'auto', 'torch', 'restricted'")
     not_arrays = sorted(k for k, v in state_dict.items() if not isinstance(v, np.ndarray))
     if not_arrays:
-        raise TamingImportError(f"{path}: the state dict has non-tensor entries: {_some(not_arrays)}")
+        raise CheckpointImportError(f"{path}: the state dict has non-tensor entries: {_some(not_arrays)}")
     return dict(state_dict)
 
 
@@ -300,8 +316,40 @@ def taming_name(param_path: tuple[str, ...]) -> str:
     return ".".join(names + [_LEAF_NAMES[leaf]])
 
 
-def _torch_shape(param_path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(shape[i] for i in _KERNEL_TO_TORCH) if param_path[-1] == "kernel" else tuple(shape)
+def _taming_source(param_path: tuple[str, ...], shape: tuple[int, ...]) -> Source:
+    if param_path[-1] == "kernel":
+        return (taming_name(param_path), tuple(shape[i] for i in _KERNEL_TO_TORCH),
+                lambda value: np.transpose(value, _KERNEL_FROM_TORCH))
+    return taming_name(param_path), tuple(shape), lambda value: value
+
+
+def gather_params(state_dict: Mapping[str, np.ndarray], abstract_params: Any,
+                  source: Callable[[tuple[str, ...], tuple[int, ...]], Source], *, ignored: re.Pattern,
+                  error: type[CheckpointImportError], what: str) -> Any:
+    """The params shaped as `abstract_params` (a nested dict of float32 numpy arrays), each from
+    `source(param path, param shape)` of the state dict. Every source key must be present with its shape and every
+    state-dict entry used, except keys that `ignored` matches; otherwise `error` lists what is missing, mis-shaped
+    and unexpected, on one line."""
+    params, missing, misshaped, used = {}, set(), set(), set()
+    for path, leaf in flax.traverse_util.flatten_dict(abstract_params).items():
+        key, expected, to_param = source(path, tuple(leaf.shape))
+        if key not in state_dict:
+            missing.add(key)
+            continue
+        used.add(key)
+        value = state_dict[key]
+        if tuple(value.shape) != expected:
+            misshaped.add(f"{key} {tuple(value.shape)} (expected {expected})")
+            continue
+        # A float32 copy: the reader's arrays may be read-only views, and in float16.
+        params[path] = np.array(to_param(np.asarray(value, np.float32)), dtype=np.float32, order="C")
+    unexpected = [k for k in state_dict if k not in used and not ignored.match(k)]
+    problems = [f"{label}: {_some(sorted(names))}"
+                for label, names in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected))
+                if names]
+    if problems:
+        raise error(f"the state dict does not match {what}: " + "; ".join(problems))
+    return flax.traverse_util.unflatten_dict(params)
 
 
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config: Mapping[str, Any]) -> Any:
@@ -309,36 +357,14 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], model_config: M
     present with its shape and every state-dict entry used, except the training loss's (`loss.*`)."""
     model = vqgan.from_config(model_config)
     abstract = jax.eval_shape(lambda: vqgan.init_params(model, jax.random.PRNGKey(0)))
-    params, missing, misshaped = {}, [], []
-    used = set()
-    for path, leaf in flax.traverse_util.flatten_dict(abstract).items():
-        key = taming_name(path)
-        expected = _torch_shape(path, leaf.shape)
-        if key not in state_dict:
-            missing.append(key)
-            continue
-        used.add(key)
-        value = state_dict[key]
-        if tuple(value.shape) != expected:
-            misshaped.append(f"{key} {tuple(value.shape)} (expected {expected})")
-            continue
-        if path[-1] == "kernel":
-            value = np.transpose(value, _KERNEL_FROM_TORCH)
-        params[path] = np.array(value, dtype=np.float32, order="C")  # a copy: the reader's arrays may be views
-    unexpected = sorted(k for k in state_dict if k not in used and not k.startswith(IGNORED_PREFIXES))
-    problems = [f"{label}: {_some(sorted(names))}"
-                for label, names in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected))
-                if names]
-    if problems:
-        raise TamingImportError("the state dict does not match the VQGAN described by the config: "
-                                + "; ".join(problems))
-    return flax.traverse_util.unflatten_dict(params)
+    return gather_params(state_dict, abstract, _taming_source, ignored=IGNORED_KEYS, error=TamingImportError,
+                         what="the VQGAN described by the config")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The whole conversion.
 
-def _sha256(path: pathlib.Path) -> str:
+def file_sha256(path: pathlib.Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -357,5 +383,5 @@ def convert(ckpt_path: str | pathlib.Path, config_path: str | pathlib.Path, out_
     model_config = model_config_from_yaml(config_path)
     params = params_from_state_dict(read_state_dict(ckpt_path, reader=reader), model_config)
     metadata = {"kind": "vqgan", "model": model_config,
-                "source": {"format": "taming", "ckpt": str(ckpt_path), "sha256": _sha256(ckpt_path)}}
+                "source": {"format": "taming", "ckpt": str(ckpt_path), "sha256": file_sha256(ckpt_path)}}
     return checkpointing.save_bundle(out_dir, params, metadata)

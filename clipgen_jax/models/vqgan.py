@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from clipgen_jax.models import quantizers
 
-# taming's Normalize(): GroupNorm with 32 groups and eps 1e-6.
+# taming's Normalize(): GroupNorm with 32 groups and eps 1e-6 (CLIP-GEN's official VQGAN keeps torch's 1e-5).
 TAMING_NORM_GROUPS = 32
 NORM_EPSILON = 1e-6
 LAST_LAYER_INPUT = "last_layer_input"
@@ -25,6 +25,7 @@ class _Layers(nn.Module):
     # Narrow models want fewer groups: with as many groups as channels, GroupNorm normalises each channel alone
     # and removes every per-channel offset (e.g. a background colour) at each block.
     norm_groups: int = TAMING_NORM_GROUPS
+    norm_epsilon: float = NORM_EPSILON
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -33,7 +34,7 @@ class _Layers(nn.Module):
                        param_dtype=self.param_dtype, name=name)
 
     def norm(self, name: str):
-        return nn.GroupNorm(num_groups=self.norm_groups, epsilon=NORM_EPSILON, dtype=self.dtype,
+        return nn.GroupNorm(num_groups=self.norm_groups, epsilon=self.norm_epsilon, dtype=self.dtype,
                             param_dtype=self.param_dtype, name=name)
 
 
@@ -72,11 +73,12 @@ class _Tower(_Layers):
     use_attention: bool = True  # False: no attention blocks anywhere in this tower (a purely convolutional one)
 
     def block(self, features: int, name: str) -> ResnetBlock:
-        return ResnetBlock(features=features, name=name, norm_groups=self.norm_groups, dtype=self.dtype,
-                           param_dtype=self.param_dtype)
+        return ResnetBlock(features=features, name=name, norm_groups=self.norm_groups, norm_epsilon=self.norm_epsilon,
+                           dtype=self.dtype, param_dtype=self.param_dtype)
 
     def attention(self, name: str) -> AttnBlock:
-        return AttnBlock(name=name, norm_groups=self.norm_groups, dtype=self.dtype, param_dtype=self.param_dtype)
+        return AttnBlock(name=name, norm_groups=self.norm_groups, norm_epsilon=self.norm_epsilon, dtype=self.dtype,
+                         param_dtype=self.param_dtype)
 
     def middle(self, h):
         h = self.block(h.shape[-1], "mid_block_1")(h)
@@ -142,6 +144,7 @@ class VQGAN(nn.Module):
     beta: float = 0.25
     legacy_beta: bool = False
     norm_groups: int = TAMING_NORM_GROUPS
+    norm_epsilon: float = NORM_EPSILON
     # False: a convolutional encoder (no attention blocks; the decoder keeps its own), whose codes see the rest of the
     # image only through its convolutions' reach and its GroupNorm statistics.
     encoder_attention: bool = True
@@ -151,10 +154,10 @@ class VQGAN(nn.Module):
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                    attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution)
-        self.encoder = Encoder(z_channels=self.z_channels, norm_groups=self.norm_groups,
-                               use_attention=self.encoder_attention, **arch, **kw)
-        self.decoder = Decoder(norm_groups=self.norm_groups, **arch, **kw)
+                    attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
+                    norm_groups=self.norm_groups, norm_epsilon=self.norm_epsilon)
+        self.encoder = Encoder(z_channels=self.z_channels, use_attention=self.encoder_attention, **arch, **kw)
+        self.decoder = Decoder(**arch, **kw)
         self.quant_conv = nn.Conv(self.code_dim, (1, 1), **kw)
         self.post_quant_conv = nn.Conv(self.z_channels, (1, 1), **kw)
         self.quantize = quantizers.VectorQuantizer(self.codebook_size, self.code_dim, kind=self.quantizer,
@@ -197,7 +200,7 @@ class VQGAN(nn.Module):
 
 
 CONFIG_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution", "codebook_size",
-                 "code_dim", "quantizer", "beta", "legacy_beta", "norm_groups", "encoder_attention")
+                 "code_dim", "quantizer", "beta", "legacy_beta", "norm_groups", "norm_epsilon", "encoder_attention")
 
 
 def from_config(model_config, dtype=jnp.float32) -> VQGAN:
