@@ -87,8 +87,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise PrecomputeError("output.data_dir is required: the TFDS data_dir to write the dataset into")
     if not config.splits:
         raise PrecomputeError("config.splits is empty; list the source splits to precompute, e.g. ('train',)")
-    if config.data.source == "folder" and tuple(config.splits) != ("train",):
-        raise PrecomputeError(f"an image folder has no splits; set splits=('train',), not {tuple(config.splits)}")
+    if config.data.source == "folder" and not set(config.splits) <= set(images.FOLDER_PARTS):
+        raise PrecomputeError(f"an image folder has the parts {images.FOLDER_PARTS} (data.validation_fraction); "
+                              f"set splits to them, not {tuple(config.splits)}")
     if config.views < 1:
         raise PrecomputeError(f"views={config.views} must be at least 1")
     if config.views > 1 and images.is_shapes(config.data):
@@ -166,6 +167,8 @@ def make_plan(config: ml_collections.ConfigDict, *, vqgan_identity: dict, clip_i
         "splits": {split: {"num_images": size, "num_shards": max(1, -(-size // config.shard_size))}
                    for split, size in split_sizes.items()},
     }
+    if config.data.source == "folder":  # which images each part holds
+        plan["source"]["validation_fraction"] = config.data.validation_fraction
     return json.loads(json.dumps(plan))  # tuples -> lists, as the stored plan reads back
 
 

@@ -213,7 +213,7 @@ def test_folder_with_views_captions_and_a_corrupt_image(models, tmp_path):
     folder.mkdir()
     _write_folder(folder)
     config = training.load_config("configs/precompute.py:tiny")
-    config.data.update(source="folder", folder=str(folder))
+    config.data.update(source="folder", folder=str(folder), validation_fraction=0.0)
     config.update(vqgan=str(models / "vqgan"), clip=str(models / "clip"), splits=("train",), views=3,
                   captions="sidecar", batch_size=4, shard_size=3)
     config.output.data_dir = str(tmp_path / "out")
@@ -228,7 +228,7 @@ def test_folder_with_views_captions_and_a_corrupt_image(models, tmp_path):
 
     # View 0 is the center crop: the same embedding as the plain pipeline's image; views 1, 2 are other crops/flips.
     data_config = images.default_data_config()
-    data_config.update(source="folder", folder=str(folder), image_size=32)
+    data_config.update(source="folder", folder=str(folder), validation_fraction=0.0, image_size=32)
     batch = next(images.make_batch_iterator(data_config, split="train", batch_size=8, seed=0, shuffle=False,
                                             num_epochs=1))
     loaded = clip.load(models / "clip")

@@ -1,9 +1,10 @@
 """Evaluates a trained stage.
 
   python tools/evaluate.py vqgan --vqgan=runs/vqgan [--split=heldout] [--lpips] [--out=FILE]
-      PSNR, SSIM (and LPIPS with --lpips), codebook usage and perplexity of the tokens, and on Shapes the oracle
-      agreement between each input and its reconstruction. The data defaults to the VQGAN's training data (from its
-      bundle); override it with --source/--name/--data_dir/--folder.
+      PSNR, SSIM, LPIPS (by default off Shapes when the weights file exists), codebook usage and perplexity of the
+      tokens, and on Shapes the oracle agreement between each input and its reconstruction. The data defaults to the
+      VQGAN's training data (from its bundle); override it with --source/--name/--data_dir/--folder. An image folder
+      has a "train" and a "validation" part (--validation_fraction, default the recorded one).
   python tools/evaluate.py clip --clip=shapes-clip [--split=validation] [--out=FILE]
       On Shapes (the default data): zero-shot accuracy per attribute on the held-out images and text -> image
       retrieval of the held-out combinations' canonical captions among every validation + heldout image. On other
@@ -13,7 +14,8 @@
       CLIP score and FD-CLIP against the --split images, and on Shapes the oracle's accuracies on the held-out
       canonical captions (docs/SHAPES.md "Scores"), each as mean and std over --seeds, with re-ranking (best of
       --num_candidates) and without. Prompts: the Shapes held-out captions, a --prompts file, or the captions of
-      --split. Also writes a markdown table beside the JSON.
+      --split (then also the split's own images, with their captions and with other ones, as the scale). Also writes
+      a markdown table beside the JSON.
   python tools/evaluate.py fid --generated=DIR --reference=DIR [--fid_mode=clean] [--device=cpu]
       FID between two image folders through clean-fid (an optional install that needs the Inception weights; see
       clipgen_jax/evaluation/fid.py); a tools/generate.py output folder contributes its numbered samples only.
@@ -22,6 +24,7 @@ a CLIP unless --out is given; <prior>/eval_generation.json for a prior; stdout o
 """
 
 import json
+import logging
 import pathlib
 
 from absl import app, flags
@@ -29,17 +32,19 @@ from absl import app, flags
 import clipgen_jax  # noqa: F401  (registers the Shapes TFDS builder)
 from clipgen_jax import checkpointing, cli, host_memory, pipeline
 from clipgen_jax.data import images, shapes
-from clipgen_jax.evaluation import clip_scores, fid, generation, reconstruction
-from clipgen_jax.models import clip
+from clipgen_jax.evaluation import clip_scores, fid, generation, image_metrics, reconstruction
+from clipgen_jax.models import clip, lpips
 from clipgen_jax.training import writer
 
 _VQGAN = flags.DEFINE_string("vqgan", None, "VQGAN training workdir or bundle.")
 _CLIP = flags.DEFINE_string("clip", None, "CLIP: Hub id, directory (e.g. a CLIP workdir's export/) or "
                             "packaged name (clip: default shapes-clip; prior: default the prior's own).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "clip: side of the images read from the data.")
-_SPLIT = flags.DEFINE_string("split", "heldout", "Split to evaluate on.")
+_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate on (default: heldout on Shapes, else validation; an "
+                             "image folder's parts are train and validation).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 100, "Images per batch.")
-_LPIPS = flags.DEFINE_bool("lpips", False, "Also report LPIPS (needs the LPIPS weights file).")
+_LPIPS = flags.DEFINE_bool("lpips", None, "vqgan: report LPIPS (needs the LPIPS weights file; default: on for data "
+                           "other than Shapes when the weights file exists).")
 _LPIPS_WEIGHTS = flags.DEFINE_string("lpips_weights", None, "LPIPS weights .npz (default location if unset).")
 _OUT = flags.DEFINE_string("out", None, "JSON output file.")
 _PRIOR = flags.DEFINE_string("prior", None, "prior: training workdir or bundle.")
@@ -59,6 +64,8 @@ _IMAGES_PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 21, "prior: image
 _GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 1.0, "prior: classifier-free guidance scale.")
 _DATA_FIELDS = {name: flags.DEFINE_string(name, None, f"Data source field `{name}` (default: the training data's).")
                 for name in ("source", "name", "data_dir", "folder")}
+_VALIDATION_FRACTION = flags.DEFINE_float("validation_fraction", None, "Image folders: the share of images in the "
+                                          "validation part (default: the recorded one, else 0.1).")
 
 _GENERATED = flags.DEFINE_string("generated", None, "fid: folder of generated images (e.g. tools/generate.py --out).")
 _REFERENCE = flags.DEFINE_string("reference", None, "fid: folder of reference images.")
@@ -70,28 +77,54 @@ SUBCOMMANDS = ("vqgan", "clip", "prior", "fid")
 
 def _data_config(metadata: dict):
     config = images.default_data_config()
-    config.update(metadata.get("data", {}))
+    if "data" in metadata:
+        config.update(metadata["data"])
+        config.validation_fraction = images.recorded_validation_fraction(metadata["data"])
     config.image_size = metadata["model"]["resolution"]
     for name, flag in _DATA_FIELDS.items():
         if flag.value is not None:
             config[name] = flag.value
+    if _VALIDATION_FRACTION.value is not None:
+        config.validation_fraction = _VALIDATION_FRACTION.value
     return config
+
+
+def _split(data_config) -> str:
+    return _SPLIT.value or ("heldout" if images.is_shapes(data_config) else "validation")
+
+
+def _with_lpips(data_config) -> bool:
+    """--lpips when given, else whether the data is real images (not Shapes) and the weights file exists."""
+    if _LPIPS.value is not None:
+        return _LPIPS.value
+    if images.is_shapes(data_config):
+        return False
+    path = pathlib.Path(_LPIPS_WEIGHTS.value) if _LPIPS_WEIGHTS.value else lpips.default_weights_path()
+    if not path.is_file():
+        logging.warning("no LPIPS: no weights file %s (%s)", path, lpips.FETCH_COMMAND)
+    return path.is_file()
 
 
 def _evaluate_vqgan() -> tuple[dict, pathlib.Path]:
     if not _VQGAN.value:
         raise app.UsageError("--vqgan is required: a VQGAN training workdir or bundle")
     bundle = checkpointing.bundle_path(_VQGAN.value, "vqgan")
+    data_config = _data_config(checkpointing.load_bundle_metadata(bundle))
+    split = _split(data_config)
     results = reconstruction.evaluate_vqgan(
-        str(bundle), _data_config(checkpointing.load_bundle_metadata(bundle)), split=_SPLIT.value,
-        batch_size=_BATCH_SIZE.value, with_lpips=_LPIPS.value, lpips_weights=_LPIPS_WEIGHTS.value)
-    return {"vqgan": str(bundle), "split": _SPLIT.value, **results}, bundle / f"eval_{_SPLIT.value}.json"
+        str(bundle), data_config, split=split, batch_size=_BATCH_SIZE.value, with_lpips=_with_lpips(data_config),
+        lpips_weights=_LPIPS_WEIGHTS.value)
+    return ({"vqgan": str(bundle), "split": split, "data": images.describe(data_config, split), **results},
+            bundle / f"eval_{split}.json")
 
 
 def _evaluate_clip() -> tuple[dict, pathlib.Path | None]:
     data_config = _data_config({"model": {"resolution": _IMAGE_SIZE.value}})
     name = _CLIP.value or "shapes-clip"
-    results = clip_scores.evaluate_clip(clip.load(name), data_config, split=_SPLIT.value, batch_size=_BATCH_SIZE.value)
+    split = _split(data_config)
+    results = clip_scores.evaluate_clip(clip.load(name), data_config, split=split, batch_size=_BATCH_SIZE.value)
+    if not images.is_shapes(data_config):
+        results["data"] = images.describe(data_config, split)
     return {"clip": name, **results}, None
 
 
@@ -103,6 +136,7 @@ def _evaluate_prior() -> tuple[dict, pathlib.Path]:
         checkpointing.bundle_path(pipe.metadata["vqgan"], "vqgan")))
     data_config.update(crop="center", flip=False)
     on_shapes = images.is_shapes(data_config)
+    split = _split(data_config)
     eval_clip_name = _EVAL_CLIP.value or ("shapes-clip-eval" if on_shapes else None)
     if eval_clip_name is None:
         raise app.UsageError("--eval_clip is required off the Shapes world: a CLIP other than the prior's")
@@ -113,27 +147,39 @@ def _evaluate_prior() -> tuple[dict, pathlib.Path]:
     attributes = None
     if _PROMPTS.value:
         prompts = pipeline.read_prompts_file(_PROMPTS.value)
-        reference = clip_scores.read_split(data_config, _SPLIT.value, _BATCH_SIZE.value)["image"]
+        reference = clip_scores.read_split(data_config, split, _BATCH_SIZE.value)["image"]
     elif on_shapes:
         attributes = (shapes.heldout_combinations() if _COMBINATIONS.value == "heldout"
                       else shapes.training_combinations()[::9][:96])
         prompts = [shapes.canonical_caption(a) for a in attributes]
-        reference = clip_scores.read_split(data_config, _SPLIT.value, _BATCH_SIZE.value)["image"]
+        reference = clip_scores.read_split(data_config, split, _BATCH_SIZE.value)["image"]
     else:
-        reference, captions = clip_scores.read_captioned_split(data_config, _SPLIT.value, _BATCH_SIZE.value)
+        reference, captions = clip_scores.read_captioned_split(data_config, split, _BATCH_SIZE.value)
         prompts = captions[:_MAX_PROMPTS.value]
     method = generation.pipeline_method(pipe, guidance_scale=_GUIDANCE_SCALE.value)
     methods = {f"CLIP-GEN, re-ranked (best of {_NUM_CANDIDATES.value})": (method, _NUM_CANDIDATES.value),
                "CLIP-GEN, no re-ranking": (method, 1)}
+    if not (_PROMPTS.value or on_shapes):  # the split's own images as the scale: its captions' and other captions'
+        methods["real images of the prompts (reference)"] = (_real_images(reference, prompts, 0), 1)
+        methods["real images of other prompts (mismatched)"] = (_real_images(reference, prompts, 1), 1)
     summaries = generation.evaluate_methods(
         methods, prompts, eval_clip=eval_clip, reference_features_ND=eval_clip.embed_images(reference),
         seeds=[int(seed) for seed in _SEEDS.value], images_per_prompt=_IMAGES_PER_PROMPT.value,
         attributes=attributes)
-    results = {"prior": str(_PRIOR.value), "eval_clip": eval_clip_name, "reference_split": _SPLIT.value,
+    results = {"prior": str(_PRIOR.value), "eval_clip": eval_clip_name, "reference_split": split,
+               "reference": images.describe(data_config, split),
                "num_reference_images": len(reference), "guidance_scale": _GUIDANCE_SCALE.value, "methods": summaries}
     out = pathlib.Path(_OUT.value) if _OUT.value else pathlib.Path(_PRIOR.value) / "eval_generation.json"
     out.with_suffix(".md").write_text(generation.markdown_table(summaries, eval_clip_name) + "\n")
     return results, out
+
+
+def _real_images(reference_NHWC, prompts: list[str], shift: int) -> generation.GenerateFn:
+    """A method that returns, for each prompt, the split's image `shift` places after the prompt's own."""
+    images_u8_NHWC = image_metrics.to_uint8(reference_NHWC[:len(prompts)])
+    index = {prompt: i for i, prompt in enumerate(prompts)}
+    return lambda texts, num_candidates, seed: images_u8_NHWC[[(index[t] + shift) % len(prompts) for t in texts]]
+
 
 
 def _evaluate_fid() -> tuple[dict, None]:

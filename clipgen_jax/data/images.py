@@ -3,7 +3,8 @@
 Three sources, chosen by `data_config.source` (see `default_data_config`):
 - "shapes": the offline Shapes world (`clipgen_shapes` TFDS builder), built on demand;
 - "tfds": any prepared TFDS dataset (array_record is read directly; tfrecord needs TensorFlow);
-- "folder": a directory tree of unlabeled .jpg/.jpeg/.png/.webp files.
+- "folder": a directory tree of unlabeled .jpg/.jpeg/.png/.webp files, split into a "train" and a "validation" part
+  by a hash of each file's path under the folder (`data.validation_fraction`, default 0.1, of the images validate).
 
 Every source yields examples whose image is still encoded (bytes) where possible, so decoding happens inside the
 pipeline (in grain worker processes when `worker_count > 0`) and an unreadable image can be skipped instead of
@@ -18,6 +19,7 @@ that position (plus the skip count).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import io
 import logging
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 SOURCES = ("shapes", "tfds", "folder")
+FOLDER_PARTS = ("train", "validation")
 CROPS = ("random", "center")
 SHAPES_TFDS_NAME = "clipgen_shapes"
 
@@ -72,6 +75,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Typed placeholders (None until set) so that --config.data.data_dir=... works on the command line.
     config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; None = TFDS default
     config.folder = ml_collections.config_dict.placeholder(str)  # root directory for source="folder"
+    # Folders: this fraction of the images (chosen by a hash of the path under `folder`) is the "validation" part,
+    # never trained on; the rest is "train". 0 trains on every image (and evaluates on training images).
+    config.validation_fraction = 0.1
     config.image_key = "image"  # feature holding the image (TFDS sources)
     config.image_size = 32  # output side in pixels
     config.crop = "center"  # "random" (training) | "center" (evaluation)
@@ -192,26 +198,62 @@ def is_skip_marker(example: dict[str, Any]) -> bool:
 # Sources: random access (`__len__`, `__getitem__`) to examples whose image is still encoded.
 
 
+def in_validation_part(relative_path: str, validation_fraction: float) -> bool:
+    """Whether a folder's file (its POSIX path under the folder) is in the validation part: the first 8 bytes of the
+    SHA-256 of the path, read as a fraction of 2^64, are below `validation_fraction`. The same on every machine, and a
+    file keeps its part when other files are added or removed."""
+    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < validation_fraction * 2.0**64
+
+
+def recorded_validation_fraction(recorded_data: dict) -> float:
+    """The `validation_fraction` a recorded data config (a workdir's config.json, a bundle's metadata) used: one
+    written before folders had parts records none, and its folder run trained on every image (0)."""
+    return recorded_data.get("validation_fraction", 0.0)
+
+
+def describe(data_config: ml_collections.ConfigDict, split: str) -> str:
+    """What a split of a data config reads, for logs and results: "folder:/photos (validation part, 10%)",
+    "clipgen_shapes/s32:heldout"."""
+    if data_config.source != "folder":
+        name = f"{SHAPES_TFDS_NAME}/{data_config.name}" if data_config.source == "shapes" else data_config.name
+        return f"{name}:{split}"
+    fraction = data_config.validation_fraction
+    if fraction == 0:
+        return f"folder:{data_config.folder} (every image: data.validation_fraction=0)"
+    part, share = ("training", 1 - fraction) if split == "train" else ("validation", fraction)
+    return f"folder:{data_config.folder} ({part} part, {100 * share:g}%)"
+
+
 class FolderSource:
     """Every .jpg/.jpeg/.png/.webp file (any letter case) under `root`, recursively, in sorted path order (the same
-    order on every machine and every run, which sharding and resuming rely on). Examples are
-    {"image": encoded bytes} plus the path for warnings; there are no labels and no splits.
+    order on every machine and every run, which sharding and resuming rely on), or one part of them: with `split`
+    "validation" the files `in_validation_part`, with "train" the others. Examples are {"image": encoded bytes} plus
+    the path for warnings; there are no labels.
 
     With `with_captions`, each example also has "caption", the UTF-8 text of the `.txt` file beside the image
     (`a/cat.jpg` -> `a/cat.txt`, surrounding whitespace stripped); an image without one, or with an empty one, is
     skipped like an unreadable image."""
 
-    def __init__(self, root: str | os.PathLike[str], with_captions: bool = False):
+    def __init__(self, root: str | os.PathLike[str], with_captions: bool = False, split: str | None = None,
+                 validation_fraction: float = 0.0):
         self.with_captions = with_captions
         root = pathlib.Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist or is not a directory; "
                                     "set data.folder to a directory of images")
-        self.paths = sorted(str(path) for path in root.rglob("*")
-                            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
-        if not self.paths:
+        paths = sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+        if not paths:
             raise ValueError(f"no {'/'.join(IMAGE_SUFFIXES)} files under {root}; "
                              "point data.folder at a folder of images")
+        if split is not None:
+            paths = [path for path in paths if in_validation_part(path.relative_to(root).as_posix(),
+                                                                   validation_fraction) == (split == "validation")]
+            if not paths:
+                raise ValueError(f"the {split} part of {root} is empty (data.validation_fraction="
+                                 f"{validation_fraction}); set data.validation_fraction so that it holds images "
+                                 "(0 evaluates on the training images), or add images")
+        self.paths = [str(path) for path in paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -291,11 +333,15 @@ def is_shapes(data_config: ml_collections.ConfigDict) -> bool:
 
 def make_source(data_config: ml_collections.ConfigDict, split: str,
                 with_captions: bool = False) -> FolderSource | TfdsSource:
-    """The random-access source a data config describes (`split` is ignored by folders, which have none;
+    """The random-access source a data config describes (for folders `split` is a part, "train" or "validation";
     `with_captions` reads folders' sidecar .txt captions)."""
     _check_config(data_config)
     if data_config.source == "folder":
-        return FolderSource(data_config.folder, with_captions=with_captions)
+        if split not in FOLDER_PARTS:
+            raise ValueError(f"an image folder has the parts {FOLDER_PARTS} (data.validation_fraction), not split "
+                             f"{split!r}; use --split=validation for its held-out images")
+        return FolderSource(data_config.folder, with_captions=with_captions, split=split,
+                            validation_fraction=data_config.validation_fraction)
     if data_config.source == "shapes":
         builder = shapes_tfds.prepare(data_config.name, data_dir=data_config.data_dir)
     else:
@@ -310,6 +356,8 @@ def _check_config(data_config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.crop={data_config.crop!r} is not one of {CROPS}")
     if data_config.source == "folder" and not data_config.folder:
         raise ValueError("data.source='folder' needs data.folder, the directory of images")
+    if not 0 <= data_config.validation_fraction < 1:
+        raise ValueError(f"data.validation_fraction={data_config.validation_fraction} must be in [0, 1)")
     if is_shapes(data_config) and (data_config.flip or data_config.crop == "random"):
         raise ValueError(
             f"Shapes refuses flip and random crop (data.flip={data_config.flip}, data.crop={data_config.crop!r}): "

@@ -7,6 +7,7 @@ run that is started again ends with bitwise the parameters of an uninterrupted o
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import signal
@@ -143,17 +144,46 @@ def _batch_iterator_factory(stage: Stage):
     return getattr(stage, "make_batch_iterator", images.make_batch_iterator)
 
 
+def eval_split(config: ml_collections.ConfigDict) -> str:
+    """The split of the fixed evaluation batch: `train.eval_split`, except for an image folder without a validation
+    part (data.validation_fraction=0), which has only its training images to show."""
+    data = config.data
+    if data.get("source") == "folder" and data.validation_fraction == 0:
+        return "train"
+    return config.train.eval_split
+
+
 def _fixed_eval_batch(config: ml_collections.ConfigDict, mesh, stage: Stage) -> dict:
     eval_data = config.data.copy_and_resolve_references()
     if "crop" in eval_data:  # image sources: evaluate on the center crop, unflipped
         eval_data.crop, eval_data.flip = "center", False
+    split = eval_split(config)
+    if "source" in eval_data:
+        logger.info("evaluating on %s", images.describe(eval_data, split))
     iterator = _batch_iterator_factory(stage)(
-        eval_data, split=config.train.eval_split,
+        eval_data, split=split,
         batch_size=parallel.global_batch_to_process_batch(config.train.eval_batch_size),
         seed=config.seed, shuffle=False, num_epochs=1)
     batch = next(iter(iterator))
     iterator.close()  # stops its reader threads or worker processes now, not at garbage collection
     return parallel.put_batch(batch, mesh)
+
+
+def check_recorded_folder_part(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Refuses to resume an image-folder run with another `data.validation_fraction` than it recorded (its training
+    part would change under the saved data position)."""
+    recorded_path = workdir / "config.json"
+    if (config.data.get("source") != "folder" or not recorded_path.is_file()
+            or not any((workdir / "checkpoints").glob("*"))):
+        return
+    recorded = json.loads(recorded_path.read_text()).get("data", {})
+    if recorded.get("source") != "folder":
+        return
+    fraction = images.recorded_validation_fraction(recorded)
+    if fraction != config.data.validation_fraction:
+        raise ValueError(f"{workdir} trained on the image folder with data.validation_fraction={fraction} (0 when it "
+                         "records none: made before folders had a validation part); resume it with "
+                         f"--config.data.validation_fraction={fraction}, or train into a new --workdir")
 
 
 def check_train_config(train_cfg: ml_collections.ConfigDict) -> None:
@@ -171,6 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stage: S
     check_train_config(train_cfg)
     workdir = pathlib.Path(workdir)
     mesh = parallel.make_mesh(config.mesh.fsdp)
+    check_recorded_folder_part(config, workdir)
     # The data (whose source, split and settings the iterators check) before anything is written: a config the data
     # pipeline refuses leaves no provenance, config.json or checkpoints/ behind.
     train_iter = _batch_iterator_factory(stage)(

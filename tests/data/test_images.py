@@ -42,9 +42,11 @@ def gradient_image(width: int, height: int) -> Image.Image:
 
 
 def folder_config(folder: pathlib.Path, **overrides) -> ml_collections.ConfigDict:
+    """A folder source over every image (no validation part) unless `overrides` set validation_fraction."""
     config = images.default_data_config()
     config.source = "folder"
     config.folder = str(folder)
+    config.validation_fraction = 0.0
     config.update(overrides)
     return config
 
@@ -206,6 +208,46 @@ def test_folder_errors(tmp_path):
         config = folder_config(tmp_path)
         config.folder = None
         images.make_source(config, "train")
+
+
+def test_folder_parts_split_by_path_hash_disjointly_and_stably(tmp_path):
+    png = encode(Image.new("RGB", (2, 2), RED), "PNG")
+    for index in range(300):
+        (tmp_path / "sub" if index % 2 else tmp_path).mkdir(exist_ok=True)
+        (tmp_path / ("sub" if index % 2 else ".") / f"{index}.png").write_bytes(png)
+    config = folder_config(tmp_path, validation_fraction=0.1)
+    train, validation = (set(images.make_source(config, split).paths) for split in images.FOLDER_PARTS)
+    assert not train & validation and len(train | validation) == 300
+    assert 15 <= len(validation) <= 45  # 30 expected; the hash fixes the draw, so this is exact on every machine
+    assert validation == {str(tmp_path / p) for p in (pathlib.Path(p).relative_to(tmp_path).as_posix()
+                                                      for p in train | validation)
+                          if images.in_validation_part(p, 0.1)}
+    # The part depends on the path under the folder, not on where the folder is or what else is in it.
+    moved = tmp_path.parent / "moved"
+    shutil.copytree(tmp_path, moved)
+    (moved / "300.png").write_bytes(png)
+    moved_validation = set(images.make_source(folder_config(moved, validation_fraction=0.1), "validation").paths)
+    assert {p.replace(str(moved), str(tmp_path)) for p in moved_validation} - {str(tmp_path / "300.png")} == validation
+    # A larger fraction only adds files to the validation part.
+    assert validation < set(images.make_source(folder_config(tmp_path, validation_fraction=0.3), "validation").paths)
+    assert set(images.make_source(folder_config(tmp_path), "train").paths) == train | validation
+
+
+def test_folder_parts_are_named_and_bad_ones_refused(tmp_path):
+    Image.new("RGB", (2, 2), RED).save(tmp_path / "only.png")
+    config = folder_config(tmp_path, validation_fraction=0.1)
+    assert images.describe(config, "validation") == f"folder:{tmp_path} (validation part, 10%)"
+    assert images.describe(config, "train") == f"folder:{tmp_path} (training part, 90%)"
+    assert images.describe(folder_config(tmp_path), "train") == (
+        f"folder:{tmp_path} (every image: data.validation_fraction=0)")
+    assert images.default_data_config().validation_fraction == 0.1
+    with pytest.raises(ValueError, match=r"an image folder has the parts \('train', 'validation'\).*not split 'heldout'"):
+        images.make_source(config, "heldout")
+    with pytest.raises(ValueError, match="the validation part of .* is empty"):
+        images.make_source(folder_config(tmp_path), "validation")
+    with pytest.raises(ValueError, match=r"validation_fraction=1.0 must be in \[0, 1\)"):
+        images.make_source(folder_config(tmp_path, validation_fraction=1.0), "train")
+    assert images.recorded_validation_fraction({"source": "folder", "folder": "x"}) == 0.0
 
 
 def test_batches_have_the_promised_shape_and_range(photo_folder):

@@ -131,7 +131,7 @@ def precompute_config(models_dir: pathlib.Path, out: pathlib.Path, data_dir: pat
     config.update(vqgan=str(models_dir / "vqgan"), clip=str(models_dir / "clip"))
     config.output.data_dir = str(out)
     if folder is not None:
-        config.data.update(source="folder", folder=str(folder))
+        config.data.update(source="folder", folder=str(folder), validation_fraction=0.0)
         config.update(splits=("train",), batch_size=8, shard_size=8)
     else:
         config.data.data_dir = str(data_dir)
@@ -142,6 +142,7 @@ def precompute_args(config) -> list[str]:
     """tools/precompute.py flags giving `config` (one from precompute_config)."""
     if config.data.source == "folder":
         source = ["--config.data.source=folder", f"--config.data.folder={config.data.folder}",
+                  "--config.data.validation_fraction=0",
                   "--config.splits=('train',)", f"--config.batch_size={config.batch_size}",
                   f"--config.shard_size={config.shard_size}"]
     else:

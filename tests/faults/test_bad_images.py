@@ -113,7 +113,8 @@ def _expected_pixels(path) -> np.ndarray:
 def test_folder_source_uses_or_skips_and_counts_every_file(corpus, caplog):
     folder, usable, unusable = corpus
     config = images.default_data_config()
-    config.update(source="folder", folder=str(folder), image_size=IMAGE_SIZE, max_image_pixels=MAX_IMAGE_PIXELS)
+    config.update(source="folder", folder=str(folder), validation_fraction=0.0, image_size=IMAGE_SIZE,
+                  max_image_pixels=MAX_IMAGE_PIXELS)
     assert len(images.make_source(config, "train")) == len(usable) + len(unusable)
     iterator = images.make_batch_iterator(config, split="train", batch_size=len(usable) + len(unusable), seed=0,
                                           shuffle=False, num_epochs=1)

@@ -75,7 +75,7 @@ def test_sidecar_captions_and_missing_ones_are_skipped(tmp_path):
         if index != 1:
             (tmp_path / f"{index}.txt").write_text(f"a {colour} picture\n")
     data_config = images.default_data_config()
-    data_config.update(source="folder", folder=str(tmp_path), image_size=16)
+    data_config.update(source="folder", folder=str(tmp_path), validation_fraction=0.0, image_size=16)
     caption_config = captions.default_caption_config()
     iterator = captions.make_batch_iterator(data_config, caption_config, clip_tokenizer.openai_tokenizer(16), 16,
                                             split="train", batch_size=8, seed=0, shuffle=False, num_epochs=1)
