@@ -21,6 +21,8 @@ Presets:
                by configs/precompute.py:imagenet (f16 VQGAN, OpenAI ViT-B/32), bf16 compute, scanned layers.
                Hardware: 8+ accelerators for days (the paper trains for hundreds of thousands of steps).
   gpt2_large   the same with 36 layers, width 1280, 20 heads; FSDP over 8 devices and 2 accumulated micro-batches.
+  clipgen_coco fine-tunes CLIP-GEN's released COCO prior (tools/convert_clipgen.py --out runs/clipgen_coco) on images
+               precomputed with its VQGAN and OpenAI's ViT-B/32 (output name coco_clipgen). Not run here.
   tiny         seconds on a CPU, for tests: set data.data_dir, data.name, vqgan and clip to a tiny precomputed
                dataset (64 codes on a 16 x 16 grid, 16-d CLIP), as tests/training/test_prior_stage.py does.
 Conditioning switches (cond.*), each measured on Shapes: source "image" (the paper) or "text" (captioned data only:
@@ -44,6 +46,9 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         worker_count=0))  # grain worker processes (records are a few hundred bytes: reading in-process is enough)
     config.vqgan = "runs/vqgan"  # the VQGAN training workdir or bundle the dataset's tokens come from
     config.clip = "shapes-clip"  # the CLIP (Hub id, directory, packaged name) the dataset's embeddings come from
+    # Fine-tuning: a prior bundle or workdir (e.g. tools/convert_clipgen.py's) whose weights the run starts from and
+    # whose architecture config.model takes (all but dropout_rate, scan_layers and remat).
+    config.init_from = ml_collections.config_dict.placeholder(str)
     config.mesh = loop.default_mesh_config()
     config.train = loop.default_train_config()
     config.model = ml_collections.ConfigDict(dict(prior.PRESETS["shapes"]))
@@ -97,6 +102,20 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         if preset == "gpt2_large":
             config.mesh.fsdp = 8
             config.optimizer.accumulation_steps = 2
+    elif preset == "clipgen_coco":
+        config.data.update(name="coco_clipgen", worker_count=4)
+        config.init_from = "runs/clipgen_coco"
+        config.vqgan = "runs/clipgen_coco/vqgan"
+        config.clip = "openai/clip-vit-base-patch32"
+        # The converted prior's architecture (tools/convert_clipgen.py) with the official dropout 0.1.
+        config.model = ml_collections.ConfigDict(dict(prior.PRESETS["gpt2_medium"], head_bias=True, exact_gelu=True,
+                                                      inner_dropout=True, dropout_rate=0.1))
+        # The official AdamW (betas 0.9/0.95, weight decay 0.01) at its peak rate for batch 64 (5e-4 per 256 images).
+        config.optimizer.update(learning_rate=1.25e-4, warmup_steps=1000, final_lr_fraction=0.1, weight_decay=0.01)
+        config.train.update(steps=20_000, batch_size=64, eval_batch_size=64, log_every=100, eval_every=5000,
+                            checkpoint_every=2500)
+        config.eval.update(prompts=("A city bus driving on the city street", "A train being operated on a train track",
+                                    "A woman is skiing on a white mountain"), top_k=500, top_p=0.95, batch_size=16)
     elif preset == "tiny":
         # Placeholders (None until set) so that tools/train.py --config.data.data_dir=... etc. can set them.
         config.data.data_dir = ml_collections.config_dict.placeholder(str)
@@ -109,6 +128,6 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
                             train_split="validation", eval_split="heldout")
         config.eval.update(heldout_prompts=4, batch_size=4)
     else:
-        raise ValueError(f"unknown preset {preset!r} for configs/prior.py; use shapes, gpt2_medium, gpt2_large or "
-                         "tiny")
+        raise ValueError(f"unknown preset {preset!r} for configs/prior.py; use shapes, gpt2_medium, gpt2_large, "
+                         "clipgen_coco or tiny")
     return config

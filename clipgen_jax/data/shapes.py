@@ -74,6 +74,20 @@ def heldout_combinations() -> list[Attributes]:
     return [c for c in all_combinations() if is_heldout(c)]
 
 
+# Evaluation protocol: settings are chosen on the tuning half of the held-out combinations at TUNING_SEEDS; the figure
+# reported is the test half's at TEST_SEEDS.
+HELDOUT_HALVES = {"test": 1, "tuning": 0}  # each half: every second position of heldout_combinations() from this one
+TUNING_SEEDS = (0, 1, 2)
+TEST_SEEDS = (100, 101, 102)
+
+
+def heldout_half(half: str) -> list[int]:
+    """Positions in `heldout_combinations()` of one half: "tuning" the even ones, "test" the odd ones (48 each)."""
+    if half not in HELDOUT_HALVES:
+        raise ValueError(f"unknown half {half!r}; expected one of {tuple(HELDOUT_HALVES)}")
+    return list(range(HELDOUT_HALVES[half], len(heldout_combinations()), 2))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Rendering
 
@@ -202,7 +216,12 @@ def _attribute_words(attrs: Attributes) -> dict[str, str]:
 
 def canonical_caption(attrs: Attributes) -> str:
     """The canonical caption, e.g. `a small red circle in the top left on a black background`."""
-    return CAPTION_TEMPLATES[0].format(**_attribute_words(attrs))
+    return template_caption(attrs, CAPTION_TEMPLATES[0])
+
+
+def template_caption(attrs: Attributes, template: str) -> str:
+    """`attrs` in one caption template, with the vocabulary's own words (no synonyms)."""
+    return template.format(**_attribute_words(attrs))
 
 
 def random_caption(attrs: Attributes, rng: np.random.Generator) -> str:

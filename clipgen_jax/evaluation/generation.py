@@ -3,7 +3,9 @@
 - CLIP score: 100 * max(cos, 0) between each generated image and its prompt, averaged over images.
 - FD-CLIP: the Frechet distance between Gaussians fitted to the L2-normalised CLIP image embeddings of the generated
   and of the reference images. It is FID's formula on CLIP features, not FID (no Inception network is involved).
-- Shapes oracle: per-attribute and all-attribute accuracy of one image per prompt (docs/SHAPES.md "Scores").
+- Shapes oracle: per-attribute and all-attribute accuracy of one image per prompt (docs/SHAPES.md "Scores"), in the
+  strict reading (an ambiguous shape is wrong) and the lenient one, and the distribution of the shape margins; over
+  all prompts and over each named group of them (the held-out halves: test and tuning).
 The CLIP that scores must not be the one that conditions and re-ranks the generator (on Shapes: "shapes-clip-eval").
 
 A method is a `GenerateFn(texts, num_candidates, seed) -> uint8 images [len(texts), H, W, 3]`: the best image of
@@ -72,14 +74,17 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 def evaluate_method(generate: GenerateFn, prompts: Sequence[str], *, eval_clip: Any,
                     reference_features_ND: np.ndarray | None, num_candidates: int, seeds: Sequence[int],
                     images_per_prompt: int, attributes: Sequence[shapes.Attributes] | None = None,
-                    feature_seeds: int | None = None, keep_images: int = 0) -> dict:
+                    groups: dict[str, Sequence[int]] | None = None, feature_seeds: int | None = None,
+                    keep_images: int = 0) -> dict:
     """One method's scores per seed and their mean / sample std over seeds.
 
     `reference_features_ND`: the eval CLIP's embeddings of the reference images (FD-CLIP is skipped when None);
-    `attributes`: the Shapes combination of each prompt (the oracle is skipped when None); `feature_seeds`: how many
-    of the first seeds draw `images_per_prompt` images for CLIP score and FD-CLIP (default: all); the others draw one
-    image per prompt, for the oracle only, which saves most of the sampling when a budget is tight; `keep_images`:
-    how many prompts' first images of the first seed to return under "images" (for sample grids)."""
+    `attributes`: the Shapes combination of each prompt (the oracle is skipped when None); `groups`: named subsets of
+    the prompts (their positions) whose oracle scores are also reported alone, as oracle_{name}_{score};
+    `feature_seeds`: how many of the first seeds draw `images_per_prompt` images for CLIP score and FD-CLIP (default:
+    all); the others draw one image per prompt, for the oracle only, which saves most of the sampling when a budget is
+    tight; `keep_images`: how many prompts' first images of the first seed to return under "images" (for sample
+    grids)."""
     if images_per_prompt < 1 or not seeds or not prompts:
         raise ValueError("need prompts, seeds and images_per_prompt >= 1")
     feature_seeds = len(seeds) if feature_seeds is None else feature_seeds
@@ -104,8 +109,11 @@ def evaluate_method(generate: GenerateFn, prompts: Sequence[str], *, eval_clip: 
             if reference_features_ND is not None:
                 scores["fd_clip"] = frechet_distance(features_ND, reference_features_ND)
         if attributes is not None:
-            oracle_scores = shapes.score_images(first_PHWC, attributes)
-            scores.update({f"oracle_{key}": value for key, value in oracle_scores.items()})
+            subsets = {"oracle_": range(len(prompts)),
+                       **{f"oracle_{name}_": positions for name, positions in (groups or {}).items()}}
+            for prefix, positions in subsets.items():
+                oracle_scores = shapes.score_images(first_PHWC[list(positions)], [attributes[i] for i in positions])
+                scores.update({prefix + key: value for key, value in oracle_scores.items()})
         per_seed.append(scores)
         if kept is None and keep_images:
             kept = first_PHWC[:keep_images]
@@ -119,35 +127,65 @@ def evaluate_method(generate: GenerateFn, prompts: Sequence[str], *, eval_clip: 
     return summary
 
 
-def markdown_table(results: dict[str, dict], clip_name: str) -> str:
-    """A row per method: CLIP score, FD-CLIP and the oracle accuracies present, as mean ± std over seeds."""
-    keys = [key for key in ("clip_score", "fd_clip", "oracle_all", *(f"oracle_{n}" for n in shapes.ATTRIBUTE_NAMES))
-            if any(key in summary["mean"] for summary in results.values())]
-    labels = {"clip_score": f"CLIP score ({clip_name})", "fd_clip": f"FD-CLIP ({clip_name})",
-              "oracle_all": "all attributes", **{f"oracle_{n}": n for n in shapes.ATTRIBUTE_NAMES}}
+# The oracle's columns of `markdown_table`: (score_images key, label).
+ORACLE_COLUMNS = (("all", "all attributes"), *((name, name) for name in shapes.ATTRIBUTE_NAMES),
+                  ("lenient_all", "all, lenient"), ("lenient_shape", "shape, lenient"),
+                  ("margin_below_min", f"ambiguous (margin < {shapes.MIN_SHAPE_MARGIN:.2f})"),
+                  ("margin_median", "margin median"), ("margin_p10", "margin 10th pct."))
+
+
+def markdown_table(results: dict[str, dict], clip_name: str, group: str | None = None, features: bool = True) -> str:
+    """A row per method, mean ± std over seeds: CLIP score and FD-CLIP (unless `features` is False), then the
+    oracle's strict accuracies, the lenient ones and the shape margins of `group`'s prompts (all prompts when None);
+    columns without scores are left out."""
+    prefix = f"oracle_{group}_" if group else "oracle_"
+    columns = [("clip_score", f"CLIP score ({clip_name})"), ("fd_clip", f"FD-CLIP ({clip_name})")] if features else []
+    columns += [(prefix + key, label) for key, label in ORACLE_COLUMNS]
+    columns = [(key, label) for key, label in columns if any(key in summary["mean"] for summary in results.values())]
 
     def cell(summary: dict, key: str) -> str:
         if key not in summary["mean"]:
             return "-"
         mean, std = summary["mean"][key], summary["std"][key]
-        if key.startswith("oracle_"):
-            return f"{mean:.1%}" if std is None else f"{mean:.1%} ± {std:.1%}"
-        digits = 4 if key == "fd_clip" else 2  # FD of unit-norm features is small: 0.01-1
-        return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+        # FD of unit-norm features is small: 0.01-1.
+        spec = (".3f" if key.endswith(("margin_median", "margin_p10")) else ".1%" if key.startswith("oracle_")
+                else ".4f" if key == "fd_clip" else ".2f")
+        return f"{mean:{spec}}" if std is None else f"{mean:{spec}} ± {std:{spec}}"
 
-    lines = ["| method | " + " | ".join(labels[key] for key in keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines += [f"| {method} | " + " | ".join(cell(summary, key) for key in keys) + " |"
+    lines = ["| method | " + " | ".join(label for _, label in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {method} | " + " | ".join(cell(summary, key) for key, _ in columns) + " |"
               for method, summary in results.items()]
     return "\n".join(lines)
 
 
 def pipeline_method(pipe: Any, *, batch_size: int = 64, **sampling: Any) -> GenerateFn:
-    """A `pipeline.Pipeline` as a method: its CLIP-best of `num_candidates` samples per text."""
+    """A `pipeline.Pipeline` as a method: its CLIP-best of `num_candidates` samples per text.
+
+    `evaluate_method` repeats each prompt: repeat r of the p-th prompt (a run of equal texts is one prompt) draws
+    candidates r * num_candidates ... (r + 1) * num_candidates - 1 of prompt index p, so the image the oracle scores
+    (repeat 0) is the one `tools/generate.py --prompts` keeps (keep 1) for the same prompts, seed and candidates."""
     def generate(texts: Sequence[str], num_candidates: int, seed: int) -> np.ndarray:
-        images_PKHWC, _ = pipe.generate(list(texts), num_candidates=num_candidates, keep=1, seed=seed,
-                                        batch_size=batch_size, **sampling)
+        texts = list(texts)
+        starts_N = np.array([i == 0 or texts[i] != texts[i - 1] for i in range(len(texts))])
+        prompt_index_N = np.cumsum(starts_N) - 1
+        repeat_N = np.arange(len(texts)) - np.flatnonzero(starts_N)[prompt_index_N]
+        images_PKHWC, _ = pipe.generate(texts, num_candidates=num_candidates, keep=1, seed=seed,
+                                        batch_size=batch_size, prompt_indices=prompt_index_N,
+                                        first_candidates=repeat_N * num_candidates, **sampling)
         return images_PKHWC[:, 0]
     return generate
+
+
+def evaluate_wordings(generate: GenerateFn, label: str, attributes: Sequence[shapes.Attributes], *,
+                      num_candidates: int, **kwargs: Any) -> dict[str, dict]:
+    """The oracle's scores (`evaluate_method`, one image per prompt) of `generate` prompted with the Shapes
+    combinations `attributes` in each caption template but the canonical one (shapes.CAPTION_TEMPLATES[1:], which the
+    Shapes CLIP is trained on too; the vocabulary's own words), a row per template labelled `label` and the wording."""
+    return {f"{label}, wording {index}: '{template}'": evaluate_method(
+                generate, [shapes.template_caption(a, template) for a in attributes], eval_clip=None,
+                reference_features_ND=None, num_candidates=num_candidates, images_per_prompt=1, attributes=attributes,
+                feature_seeds=0, **kwargs)
+            for index, template in enumerate(shapes.CAPTION_TEMPLATES[1:], start=1)}
 
 
 def evaluate_methods(methods: dict[str, tuple[GenerateFn, int]], prompts: Sequence[str], **kwargs: Any

@@ -1,7 +1,9 @@
 """How well an image -> image model (an autoencoder, a VQGAN) keeps what matters: PSNR, SSIM, optionally LPIPS,
 codebook statistics for tokenizers, and on Shapes whether the oracle reads the same five attributes from the
-reconstruction as from the input."""
+reconstruction as from the input (strict reading: an ambiguous reconstruction disagrees on shape; the lenient reading
+beside it) and the shape-margin distributions of inputs and reconstructions."""
 
+import logging
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -12,21 +14,32 @@ from clipgen_jax.data import images, shapes
 from clipgen_jax.models import lpips
 from clipgen_jax.evaluation import image_metrics
 
+logger = logging.getLogger(__name__)
+
 # images [B, H, W, 3] in [-1, 1] -> (reconstructions [B, H, W, 3], int token grids [B, h, w] or None)
 Reconstructor = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
-def oracle_agreement(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray,
-                     input_readings: Sequence[shapes.OracleResult] | None = None) -> np.ndarray:
-    """[N, 5] booleans: the oracle reads attribute i of image n the same way from both (and refuses neither).
-    `input_readings`: the oracle's results on `inputs_u8` where the caller has them already."""
-    if input_readings is None:
-        input_readings = shapes.oracle_batch(inputs_u8)
-    agree = np.zeros((len(inputs_u8), len(shapes.ATTRIBUTE_NAMES)), bool)
-    for n, (a, b) in enumerate(zip(input_readings, shapes.oracle_batch(reconstructions_u8), strict=True)):
+def agreement(input_readings: Sequence[shapes.OracleResult], output_readings: Sequence[shapes.OracleResult], *,
+              strict: bool = True) -> np.ndarray:
+    """[N, 5] booleans: the oracle read attribute i of image n the same way from input and output (and refused
+    neither); in the strict reading an ambiguous output (shape margin below shapes.MIN_SHAPE_MARGIN) disagrees on
+    shape."""
+    agree = np.zeros((len(input_readings), len(shapes.ATTRIBUTE_NAMES)), bool)
+    for n, (a, b) in enumerate(zip(input_readings, output_readings, strict=True)):
         if a.status == b.status == "ok":
             agree[n] = np.equal(a.attributes, b.attributes)
+            agree[n, 0] &= not (strict and b.ambiguous)
     return agree
+
+
+def oracle_agreement(inputs_u8: np.ndarray, reconstructions_u8: np.ndarray,
+                     input_readings: Sequence[shapes.OracleResult] | None = None) -> np.ndarray:
+    """`agreement` (strict) of the oracle's readings of two image batches. `input_readings`: the oracle's results on
+    `inputs_u8` where the caller has them already."""
+    if input_readings is None:
+        input_readings = shapes.oracle_batch(inputs_u8)
+    return agreement(input_readings, shapes.oracle_batch(reconstructions_u8))
 
 
 # Diagnostic only: reconstruction pixels within this L1 distance (summed over RGB, of 765) of the input's background
@@ -76,7 +89,8 @@ def evaluate(reconstruct: Reconstructor, batches: Iterable[dict], *, shapes_orac
     per_image: dict[str, list] = {"psnr": [], "ssim": []}
     if perceptual is not None:
         per_image["lpips"] = []
-    agreements, background_exact, snapped_agreements, background_codes = [], [], [], set()
+    background_exact, snapped_agreements, background_codes = [], [], set()
+    readings: dict[str, list[shapes.OracleResult]] = {"inputs": [], "reconstructions": []}
     token_counts = np.zeros(codebook_size or 0, np.int64)
     for batch in batches:
         inputs_u8 = image_metrics.to_uint8(batch["image"])
@@ -91,7 +105,8 @@ def evaluate(reconstruct: Reconstructor, batches: Iterable[dict], *, shapes_orac
             token_counts += np.bincount(np.asarray(tokens).reshape(-1), minlength=codebook_size)
         if shapes_oracle:
             input_readings = shapes.oracle_batch(inputs_u8)
-            agreements.append(oracle_agreement(inputs_u8, reconstructions_u8, input_readings))
+            readings["inputs"] += input_readings
+            readings["reconstructions"] += shapes.oracle_batch(reconstructions_u8)
             exact, snapped = background_diagnostics(inputs_u8, reconstructions_u8, input_readings)
             background_exact.append(exact)
             snapped_agreements.append(snapped)
@@ -102,12 +117,17 @@ def evaluate(reconstruct: Reconstructor, batches: Iterable[dict], *, shapes_orac
     if codebook_size:
         results.update(image_metrics.code_statistics(token_counts))
     if shapes_oracle:
-        for prefix, parts in (("oracle_agreement", agreements),
-                              ("oracle_agreement_background_snapped", snapped_agreements)):
-            agree = np.concatenate(parts)
+        for prefix, agree in (("oracle_agreement", agreement(readings["inputs"], readings["reconstructions"])),
+                              ("oracle_agreement_background_snapped", np.concatenate(snapped_agreements))):
             results.update({f"{prefix}/{name}": float(agree[:, i].mean())
                             for i, name in enumerate(shapes.ATTRIBUTE_NAMES)})
             results[f"{prefix}/all"] = float(agree.all(axis=1).mean())
+        lenient = agreement(readings["inputs"], readings["reconstructions"], strict=False)
+        results["oracle_agreement/lenient_shape"] = float(lenient[:, 0].mean())
+        results["oracle_agreement/lenient_all"] = float(lenient.all(axis=1).mean())
+        for images_name, results_read in readings.items():
+            results.update({f"{images_name}_{key}": value
+                            for key, value in shapes.margin_distribution(results_read).items()})
         results["background_exact"] = float(np.concatenate(background_exact).mean())
         if codebook_size:
             results["background_codes"] = len(background_codes)
@@ -116,7 +136,8 @@ def evaluate(reconstruct: Reconstructor, batches: Iterable[dict], *, shapes_orac
 
 def evaluate_vqgan(vqgan_path: str, data_config, *, split: str, batch_size: int = 100,
                    lpips_weights: str | None = None, with_lpips: bool = False) -> dict[str, float]:
-    """Reconstruction metrics of a VQGAN bundle on every image of a split (center crops, no augmentation)."""
+    """Reconstruction metrics of a VQGAN bundle on every image of a split (center crops, no augmentation), also
+    logged as `markdown_table`."""
     model, params, _ = checkpointing.load_vqgan(vqgan_path)
     if data_config.image_size != model.resolution:
         raise ValueError(f"data.image_size={data_config.image_size} but the VQGAN takes {model.resolution} px images")
@@ -129,5 +150,35 @@ def evaluate_vqgan(vqgan_path: str, data_config, *, split: str, batch_size: int 
         lpips_fn = jax.jit(lambda x, y: lpips.lpips_distance(lpips_params, x, y))
     batches = images.make_batch_iterator(data_config, split=split, batch_size=batch_size, seed=0, shuffle=False,
                                          num_epochs=1)
-    return evaluate(lambda x: jax.device_get(apply(x)), batches, shapes_oracle=images.is_shapes(data_config),
-                    codebook_size=model.codebook_size, perceptual=lpips_fn)
+    results = evaluate(lambda x: jax.device_get(apply(x)), batches, shapes_oracle=images.is_shapes(data_config),
+                       codebook_size=model.codebook_size, perceptual=lpips_fn)
+    logger.info("reconstructions of the %s split:\n%s", split, markdown_table(results))
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    """`evaluate`'s results as markdown: the image and code metrics, and on Shapes the oracle's agreement (strict and
+    lenient rows) and the shape-margin distributions of the inputs and the reconstructions."""
+    metrics = [("psnr", "PSNR (dB)", ".2f"), ("ssim", "SSIM", ".3f"), ("lpips", "LPIPS", ".4f"),
+               ("codebook_usage", "codebook usage", ".1%"), ("perplexity", "perplexity", ".0f")]
+    metrics = [metric for metric in metrics if metric[0] in results]
+    lines = ["| images | " + " | ".join(label for _, label, _ in metrics) + " |", "|---" * (len(metrics) + 1) + "|",
+             f"| {results['num_images']} | " + " | ".join(f"{results[key]:{spec}}" for key, _, spec in metrics) + " |"]
+    if "oracle_agreement/all" not in results:
+        return "\n".join(lines)
+    strict = {name: results[f"oracle_agreement/{name}"] for name in ("all", *shapes.ATTRIBUTE_NAMES)}
+    lenient = {**strict, "all": results["oracle_agreement/lenient_all"],
+               "shape": results["oracle_agreement/lenient_shape"]}
+    lines += ["", "| oracle agreement | " + " | ".join(strict) + " |", "|---" * (len(strict) + 1) + "|",
+              *(f"| {reading} | " + " | ".join(f"{value:.1%}" for value in agree.values()) + " |"
+                for reading, agree in (("strict", strict), ("lenient", lenient))),
+              "", "| shape margin | median | 10th pct. | ambiguous (margin < "
+              f"{shapes.MIN_SHAPE_MARGIN:.2f}) |", "|---|---|---|---|",
+              *(f"| {images_name} | {results[f'{images_name}_margin_median']:.3f} | "
+                f"{results[f'{images_name}_margin_p10']:.3f} | {results[f'{images_name}_margin_below_min']:.1%} |"
+                for images_name in ("inputs", "reconstructions")),
+              "", f"Diagnostics, not scores: {results['background_exact']:.1%} of the background pixels are "
+              f"reconstructed exactly; {results['oracle_agreement_background_snapped/all']:.1%} agree on all five "
+              f"after reconstruction pixels within L1 {BACKGROUND_SNAP_L1} (of 765) of the background are set to it "
+              "(how much of the disagreement faint background noise explains)."]
+    return "\n".join(lines)

@@ -119,17 +119,59 @@ def check_model_fits(model_config: ml_collections.ConfigDict, dataset_metadata: 
                              f"{expected['cond_dim']}-d): set --config.model.{field}={value}")
 
 
+# What fine-tuning (`init_from`) keeps of the run's own model config; every other field is the loaded prior's.
+RUN_MODEL_FIELDS = ("dropout_rate", "scan_layers", "remat")
+
+
+def load_init_from(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """(params, metadata) of the prior `config.init_from` names (a bundle, e.g. tools/convert_clipgen.py's, or a
+    training workdir), after setting config.model's architecture to that prior's (all fields but RUN_MODEL_FIELDS).
+    The params come laid out for config.model (scanned or unrolled layers)."""
+    model, params, metadata, _ = pipeline.load_prior(config.init_from)
+    with config.unlocked():
+        for field in prior_lib.CONFIG_FIELDS:
+            value = getattr(model, field)
+            if field not in RUN_MODEL_FIELDS and config.model.get(field) != value:
+                logger.info("model.%s = %r (was %r): the architecture of init_from %s", field, value,
+                            config.model.get(field), config.init_from)
+                config.model[field] = value
+    if model.scan_layers != config.model.scan_layers:
+        relayout = prior_lib.stack_block_params if config.model.scan_layers else prior_lib.unstack_block_params
+        params = relayout(params, model.depth)
+    return params, metadata
+
+
+def check_params_fit(params, abstract_params, source: str) -> None:
+    """One line naming the first parameter whose presence or shape differs between `params` and the model's."""
+    def shapes(tree):
+        return {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+    given, expected = shapes(params), shapes(abstract_params)
+    for name in sorted(given.keys() | expected.keys()):
+        if given.get(name) != expected.get(name):
+            raise ValueError(f"{source} does not fit the model: parameter {name} is {given.get(name, 'absent')} "
+                             f"there and {expected.get(name, 'absent')} in the model; start from a prior of this "
+                             "architecture")
+
+
 class PriorSteps:
     """The prior's pure training functions (fresh state, loss, accumulated gradients, step) from its config alone.
 
-    Nothing is read from disk, so a preset's step can be compiled ahead of time on abstract inputs for any mesh
-    (tests/training/test_fsdp_compile.py does so for gpt2_large). The reconstruction loss needs the frozen VQGAN and
-    CLIP: PriorStage, the stage that trains, adds them, the dataset and evaluation."""
+    Nothing is read from disk but `init_from`'s prior, so a preset's step can be compiled ahead of time on abstract
+    inputs for any mesh (tests/training/test_fsdp_compile.py does so for gpt2_large). The reconstruction loss needs
+    the frozen VQGAN and CLIP: PriorStage, the stage that trains, adds them, the dataset and evaluation."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         check_config(config)
         self.config = config
+        # Fine-tuning: the loaded prior's architecture and (initial_params) weights.
+        self.init_from_params, self.init_from_metadata = (
+            load_init_from(config) if config.get("init_from") else (None, None))
         self.model = prior_lib.from_config(config.model, parallel.compute_dtype(config.train.compute_dtype))
+        if self.init_from_params is not None:
+            check_params_fit(self.init_from_params,
+                             jax.eval_shape(lambda: prior_lib.init_params(self.model, jax.random.PRNGKey(0))),
+                             f"init_from {config.init_from}")
         self.optimizer, self.schedule = make_optimizer(config.optimizer, config.train.steps)
         self.cond_key = COND_SOURCES[config.cond.source]
 
@@ -141,6 +183,10 @@ class PriorSteps:
         params = prior_lib.init_params(self.model, init_rng)
         return loop.TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=self.optimizer.init(params),
                                rng=state_rng)
+
+    def initial_params(self):
+        """The params training starts from: `init_from`'s, or None for the random init."""
+        return self.init_from_params
 
     def _loss(self, params, batch: dict, rng: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
         cfg = self.config.cond
@@ -218,6 +264,9 @@ class PriorStage(PriorSteps):
                                                                vqgan_metadata["model"]),
                            "clip": precomputed.clip_identity(self.clip)}
         precomputed.check_identity(self.dataset_metadata, **self.identities, dataset=dataset)
+        if self.init_from_metadata is not None:  # fine-tuning on tokens of another VQGAN would start from noise
+            pipeline.check_models(self.init_from_metadata, config.init_from, self.identities["vqgan"],
+                                  self.identities["clip"])
         check_model_fits(config.model, self.dataset_metadata, dataset)
         if self.cond_key == precomputed.TEXT_EMBEDDING and self.dataset_metadata.get("caption_key") is None:
             raise ValueError(f"cond.source='text' needs caption embeddings, but {dataset} has no captions; use "

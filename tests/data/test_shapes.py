@@ -27,6 +27,15 @@ def test_heldout_rule_gives_96_of_972_combinations():
     assert not shapes.is_heldout(Attributes(0, 0, 0, 0, 1))  # 13 % 10 != 0
 
 
+def test_heldout_halves_split_the_heldout_combinations_by_position():
+    tuning, test = shapes.heldout_half("tuning"), shapes.heldout_half("test")
+    assert tuning[:3] == [0, 2, 4] and test[:3] == [1, 3, 5] and len(tuning) == len(test) == 48
+    assert sorted(tuning + test) == list(range(96))
+    assert not set(shapes.TUNING_SEEDS) & set(shapes.TEST_SEEDS)
+    with pytest.raises(ValueError, match="unknown half"):
+        shapes.heldout_half("even")
+
+
 def test_every_value_and_pair_of_values_occurs_in_training():
     training = np.array(shapes.training_combinations())
     sizes = [shapes.NUM_CLASSES[name] for name in shapes.ATTRIBUTE_NAMES]

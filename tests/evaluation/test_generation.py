@@ -100,13 +100,35 @@ def test_evaluate_method_scores_renders_with_the_oracle_and_summarises_seeds():
     summary = generation.evaluate_method(
         _render_method(wrong), prompts, eval_clip=clip, reference_features_ND=np.random.default_rng(0).normal(
             size=(50, 4)), num_candidates=4, seeds=[0, 1], images_per_prompt=3, attributes=attributes,
-        keep_images=2)
+        groups={"even": range(0, 12, 2), "odd": range(1, 12, 2)}, keep_images=2)
     assert summary["mean"]["oracle_shape"] == pytest.approx(0.75)
-    assert summary["mean"]["oracle_all"] == pytest.approx(0.75)
+    assert summary["mean"]["oracle_all"] == summary["mean"]["oracle_lenient_all"] == pytest.approx(0.75)
+    assert summary["mean"]["oracle_even_all"] == pytest.approx(4 / 6)  # prompts 0 and 2 are wrong
+    assert summary["mean"]["oracle_odd_shape"] == pytest.approx(5 / 6)  # prompt 1
+    assert summary["mean"]["oracle_margin_below_min"] == 0.0 and summary["mean"]["oracle_odd_margin_p10"] > 0.1
     assert summary["mean"]["oracle_colour"] == summary["mean"]["oracle_position"] == 1.0
     assert summary["std"]["oracle_shape"] == 0.0  # both seeds render the same combinations
     assert len(summary["per_seed"]) == 2 and summary["images"].shape == (2, 32, 32, 3)
     assert 0.0 <= summary["mean"]["clip_score"] <= 100.0 and summary["mean"]["fd_clip"] > 0
+
+
+def test_each_other_wording_gets_a_row_of_oracle_scores():
+    attributes = shapes.heldout_combinations()[:6]
+    by_caption = {shapes.template_caption(a, t): a for a in attributes for t in shapes.CAPTION_TEMPLATES}
+    wrong = shapes.template_caption(attributes[0], shapes.CAPTION_TEMPLATES[2])  # wording 2 misdraws one shape
+
+    def generate(texts, num_candidates, seed):
+        rng = np.random.default_rng(seed)
+        return np.stack([shapes.render(by_caption[t]._replace(shape=(by_caption[t].shape + 1) % 3) if t == wrong
+                                       else by_caption[t], 32, rng) for t in texts])
+
+    rows = generation.evaluate_wordings(generate, "method", attributes, num_candidates=2, seeds=[3],
+                                        groups={"first": [0, 1]})
+    templates = shapes.CAPTION_TEMPLATES[1:]
+    assert list(rows) == [f"method, wording {i}: '{t}'" for i, t in enumerate(templates, start=1)]
+    assert [row["mean"]["oracle_all"] for row in rows.values()] == [1.0, 5 / 6, 1.0, 1.0, 1.0, 1.0]
+    assert rows["method, wording 2: '" + templates[1] + "'"]["mean"]["oracle_first_shape"] == 0.5
+    assert all("clip_score" not in row["mean"] and row["num_candidates"] == 2 for row in rows.values())
 
 
 def test_the_oracle_scores_ground_truth_renders_at_every_attribute():
@@ -114,6 +136,16 @@ def test_the_oracle_scores_ground_truth_renders_at_every_attribute():
     renders = [shapes.render(a, 32, np.random.default_rng(i)) for i, a in enumerate(attributes)]
     scores = shapes.score_images(np.stack(renders), attributes)
     assert all(scores[name] >= 0.995 for name in (*shapes.ATTRIBUTE_NAMES, "all"))
+
+
+def test_markdown_table_shows_a_group_s_strict_and_lenient_scores_and_margins():
+    summary = {"mean": {"clip_score": 30.0, "oracle_all": 0.25, "oracle_test_all": 0.5, "oracle_test_lenient_all": 0.75,
+                        "oracle_test_margin_below_min": 0.25, "oracle_test_margin_median": 0.2},
+               "std": {"clip_score": None, "oracle_all": None, "oracle_test_all": 0.1, "oracle_test_lenient_all": None,
+                       "oracle_test_margin_below_min": None, "oracle_test_margin_median": 0.01}}
+    lines = generation.markdown_table({"a": summary}, "eval-clip", group="test", features=False).splitlines()
+    assert lines[0] == "| method | all attributes | all, lenient | ambiguous (margin < 0.10) | margin median |"
+    assert lines[2] == "| a | 50.0% ± 10.0% | 75.0% | 25.0% | 0.200 ± 0.010 |"
 
 
 def test_markdown_table_has_a_row_per_method_with_mean_and_spread():

@@ -56,6 +56,21 @@ def test_identity_reconstruction_agrees_everywhere_and_blank_agrees_nowhere():
     assert blank["oracle_agreement/all"] == 0.0  # "no object" is wrong on every attribute
 
 
+def test_a_reconstruction_between_two_shapes_disagrees_on_shape_in_the_strict_reading():
+    squares = [shapes.Attributes(1, colour, 0, 4, 1) for colour in range(4)]  # small squares in the center, on white
+    inputs_u8 = np.stack([shapes.render_at(a, 32, shapes.cell_centre(4, 32)) for a in squares])
+    circles_u8 = np.stack([shapes.render_at(a._replace(shape=0), 32, shapes.cell_centre(4, 32)) for a in squares])
+    blends_u8 = np.rint(0.6 * inputs_u8 + 0.4 * circles_u8).astype(np.uint8)  # a rounded square: read square, narrowly
+    scores = reconstruction.evaluate(lambda x: (blends_u8 / 127.5 - 1.0, None), [{"image": inputs_u8 / 127.5 - 1.0}],
+                                     shapes_oracle=True)
+    assert scores["oracle_agreement/shape"] == scores["oracle_agreement/all"] == 0.0
+    assert scores["oracle_agreement/lenient_shape"] == scores["oracle_agreement/lenient_all"] == 1.0
+    assert scores["oracle_agreement/colour"] == scores["oracle_agreement/position"] == 1.0
+    assert scores["inputs_margin_below_min"] == 0.0 and scores["inputs_margin_p10"] >= shapes.MIN_SHAPE_MARGIN
+    assert scores["reconstructions_margin_below_min"] == 1.0
+    assert scores["reconstructions_margin_median"] < shapes.MIN_SHAPE_MARGIN < scores["inputs_margin_median"]
+
+
 def _background_shifted(images_u8, per_channel):
     """Every background pixel moved `per_channel` levels towards mid-gray (white down, black and gray up)."""
     background = np.stack([shapes.border_median(image) for image in images_u8])[:, None, None, :]
