@@ -20,7 +20,6 @@ named by a file runs).
 
 from __future__ import annotations
 
-import logging
 import math
 import pathlib
 import re
@@ -36,8 +35,6 @@ from clipgen_jax.models import clip as clip_lib
 from clipgen_jax.models import prior as prior_lib
 from clipgen_jax.models import taming_import, vqgan
 from clipgen_jax.models.taming_import import Reader, Source, StateDict
-
-logger = logging.getLogger(__name__)
 
 # The released priors' head counts by width: models/gpt.py's gpt2_medium and gpt2_large.
 HEADS_BY_WIDTH = {1024: 16, 1280: 20}

@@ -228,3 +228,37 @@ def test_inner_dropout_adds_the_attention_and_mlp_dropouts_of_the_official_block
     residual_only = forward(False, dropout_rate=0.5)
     all_five = forward(False, inner_dropout=True, dropout_rate=0.5)
     assert not np.allclose(all_five, residual_only) and np.all(np.isfinite(all_five))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_fine_tuning_starts_from_the_converted_prior_at_the_official_loss(scan_layers, tmp_path):
+    """`init_from` gives the run the converted prior's architecture and weights: with dropout off, the loss of the
+    first step on the fixture's batch is the official model's (train_gpt.py's cross entropy) on it."""
+    from clipgen_jax import training
+    from clipgen_jax.data import precomputed
+    from clipgen_jax.models import prior
+    from clipgen_jax.training import prior as prior_training
+
+    bundle = convert("multi_attention", tmp_path / "converted")
+    _, _, official = official_files("multi_attention")
+    config = training.load_config("configs/prior.py:tiny")  # another architecture: width 32, 2 heads, 256 tokens
+    config.init_from = str(bundle)
+    config.model.update(dropout_rate=0.0, scan_layers=scan_layers)
+    steps = prior_training.PriorSteps(config)
+    assert (config.model.width, config.model.num_heads, config.model.num_tokens) == (24, 3, 16)
+    assert config.model.head_bias and config.model.exact_gelu and config.model.scan_layers == scan_layers
+
+    state = steps.init_state(jax.random.PRNGKey(0))
+    state = state.replace(params=steps.initial_params())
+    batch = {precomputed.TOKENS: official["gpt_tokens"].astype(np.int16),
+             precomputed.IMAGE_EMBEDDING: official["gpt_embedding"]}
+    _, metrics = jax.jit(steps.train_step)(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), float(official["gpt_loss"]), rtol=1e-5)
+
+    wider = prior.from_config({**config.model, "width": 48})
+    with pytest.raises(ValueError, match=r"^init_from X does not fit the model: parameter \['blocks(_0)?'\]"
+                                         r"\['attention_norm'\]\['bias'\] is \((1, 24|24,)\) there and \((1, 48|48,)\) in "
+                                         r"the model; start from a prior of this architecture$"):
+        prior_training.check_params_fit(steps.initial_params(),
+                                        jax.eval_shape(lambda: prior.init_params(wider, jax.random.PRNGKey(0))),
+                                        "init_from X")
