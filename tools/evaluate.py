@@ -12,10 +12,12 @@
   python tools/evaluate.py prior --prior=runs/shapes/prior [--eval_clip=shapes-clip-eval] [--prompts=FILE]
       Generates with the prior (its VQGAN and CLIP, re-ranking by that CLIP) and scores the images with another CLIP:
       CLIP score and FD-CLIP against the --split images, and on Shapes the oracle's accuracies on the held-out
-      canonical captions (docs/SHAPES.md "Scores"), each as mean and std over --seeds, with re-ranking (best of
-      --num_candidates) and without. Prompts: the Shapes held-out captions, a --prompts file, or the captions of
-      --split (then also the split's own images, with their captions and with other ones, as the scale). Also writes
-      a markdown table beside the JSON.
+      canonical captions (docs/SHAPES.md "Scores": strict and lenient reading, shape margins), each as mean and std
+      over --seeds (default 100,101,102), with re-ranking (best of --num_candidates) and without. The held-out
+      prompts' test half is the headline, the tuning half beside it (--half samples one); --wordings adds a
+      re-ranked row per other caption template the CLIP was trained on.
+      Prompts: the Shapes held-out captions, a --prompts file, or the captions of --split (then also the split's own
+      images, with their captions and with other ones, as the scale). Also writes a markdown table beside the JSON.
   python tools/evaluate.py fid --generated=DIR --reference=DIR [--fid_mode=clean] [--device=cpu]
       FID between two image folders through clean-fid (an optional install that needs the Inception weights; see
       clipgen_jax/evaluation/fid.py); a tools/generate.py output folder contributes its numbered samples only.
@@ -26,6 +28,7 @@ a CLIP unless --out is given; <prior>/eval_generation.json for a prior; stdout o
 import json
 import logging
 import pathlib
+import sys
 
 from absl import app, flags
 
@@ -58,7 +61,14 @@ _COMBINATIONS = flags.DEFINE_enum(
     "\"Scores\") or of 96 training combinations (every ninth of the 876), which tells composition errors apart.")
 _MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 1000, "prior: at most this many prompts from --split's captions.")
 _NUM_CANDIDATES = flags.DEFINE_integer("num_candidates", 16, "prior: candidates per image for the re-ranked row.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "prior: sampling seeds (mean and std over them).")
+_SEEDS = flags.DEFINE_list("seeds", None, "prior: sampling seeds (mean and std over them); default the test seeds "
+                           "100,101,102, or with --half=tuning the tuning seeds 0,1,2 (docs/SHAPES.md).")
+_HALF = flags.DEFINE_enum("half", "both", ["both", *shapes.HELDOUT_HALVES],
+                          "prior, on the held-out combinations: sample both halves of the 96 prompts (each scored "
+                          "alone: the test half, odd positions, is the reported figure; settings are chosen on the "
+                          "tuning half, even positions) or only one.")
+_WORDINGS = flags.DEFINE_bool("wordings", False, "prior, on Shapes: also score the captions in each other template "
+                              "the CLIP was trained on (canonical words), re-ranked, one labelled row each.")
 _IMAGES_PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 21, "prior: images per prompt for CLIP score and "
                                           "FD-CLIP (21 x 96 Shapes prompts = 2016 >= 2000).")
 _GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 1.0, "prior: classifier-free guidance scale.")
@@ -137,6 +147,9 @@ def _evaluate_prior() -> tuple[dict, pathlib.Path]:
     data_config.update(crop="center", flip=False)
     on_shapes = images.is_shapes(data_config)
     split = _split(data_config)
+    if _WORDINGS.value and (_PROMPTS.value or not on_shapes):
+        raise app.UsageError("--wordings writes the Shapes combinations in other templates: drop --prompts, use "
+                             "Shapes data")
     eval_clip_name = _EVAL_CLIP.value or ("shapes-clip-eval" if on_shapes else None)
     if eval_clip_name is None:
         raise app.UsageError("--eval_clip is required off the Shapes world: a CLIP other than the prior's")
@@ -144,13 +157,12 @@ def _evaluate_prior() -> tuple[dict, pathlib.Path]:
     if eval_clip.weights_hash() == pipe.clip.weights_hash():
         raise app.UsageError(f"--eval_clip={eval_clip_name} is the CLIP that conditions and re-ranks the prior; "
                              "scores must come from another one")
-    attributes = None
+    attributes, groups, seeds = None, None, _seeds()
     if _PROMPTS.value:
         prompts = pipeline.read_prompts_file(_PROMPTS.value)
         reference = clip_scores.read_split(data_config, split, _BATCH_SIZE.value)["image"]
     elif on_shapes:
-        attributes = (shapes.heldout_combinations() if _COMBINATIONS.value == "heldout"
-                      else shapes.training_combinations()[::9][:96])
+        attributes, groups = _shapes_prompts()
         prompts = [shapes.canonical_caption(a) for a in attributes]
         reference = clip_scores.read_split(data_config, split, _BATCH_SIZE.value)["image"]
     else:
@@ -164,13 +176,19 @@ def _evaluate_prior() -> tuple[dict, pathlib.Path]:
         methods["real images of other prompts (mismatched)"] = (_real_images(reference, prompts, 1), 1)
     summaries = generation.evaluate_methods(
         methods, prompts, eval_clip=eval_clip, reference_features_ND=eval_clip.embed_images(reference),
-        seeds=[int(seed) for seed in _SEEDS.value], images_per_prompt=_IMAGES_PER_PROMPT.value,
-        attributes=attributes)
+        seeds=seeds, images_per_prompt=_IMAGES_PER_PROMPT.value, attributes=attributes, groups=groups)
+    if _WORDINGS.value:
+        summaries.update(generation.evaluate_wordings(method, list(methods)[0], attributes,
+                                                      num_candidates=_NUM_CANDIDATES.value, seeds=seeds,
+                                                      groups=groups))
     results = {"prior": str(_PRIOR.value), "eval_clip": eval_clip_name, "reference_split": split,
                "reference": images.describe(data_config, split),
                "num_reference_images": len(reference), "guidance_scale": _GUIDANCE_SCALE.value, "methods": summaries}
     out = pathlib.Path(_OUT.value) if _OUT.value else pathlib.Path(_PRIOR.value) / "eval_generation.json"
-    out.with_suffix(".md").write_text(generation.markdown_table(summaries, eval_clip_name) + "\n")
+    tables = [f"{half} half:\n\n" + generation.markdown_table(summaries, eval_clip_name, group=half, features=not i)
+              for i, half in enumerate(groups or [])] or [generation.markdown_table(summaries, eval_clip_name)]
+    out.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
+    print("\n\n".join(tables), file=sys.stderr)
     return results, out
 
 
@@ -180,6 +198,23 @@ def _real_images(reference_NHWC, prompts: list[str], shift: int) -> generation.G
     index = {prompt: i for i, prompt in enumerate(prompts)}
     return lambda texts, num_candidates, seed: images_u8_NHWC[[(index[t] + shift) % len(prompts) for t in texts]]
 
+
+def _seeds() -> list[int]:
+    if _SEEDS.value:
+        return [int(seed) for seed in _SEEDS.value]
+    return list(shapes.TUNING_SEEDS if _HALF.value == "tuning" else shapes.TEST_SEEDS)
+
+
+def _shapes_prompts() -> tuple[list[shapes.Attributes], dict[str, list[int]] | None]:
+    """The Shapes combinations to prompt with (--combinations, --half) and the held-out halves' positions among
+    them, each scored alone."""
+    if _COMBINATIONS.value == "training":
+        return shapes.training_combinations()[::9][:96], None
+    halves = list(shapes.HELDOUT_HALVES) if _HALF.value == "both" else [_HALF.value]
+    positions = sorted(position for half in halves for position in shapes.heldout_half(half))
+    heldout = shapes.heldout_combinations()
+    return ([heldout[p] for p in positions],
+            {half: [positions.index(p) for p in shapes.heldout_half(half)] for half in halves})
 
 
 def _evaluate_fid() -> tuple[dict, None]:
