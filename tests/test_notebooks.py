@@ -89,10 +89,17 @@ def test_checkpoint_notebook_downloads_a_prior_and_generates_with_the_given_clip
             shutil.rmtree(models / part)
     work = tmp_path / "work"
     work.mkdir()
+    # The last section converts tiny official-format CLIP-GEN files conditioned on 16-d embeddings, as the tiny CLIP's.
+    official = REPO_ROOT / "tests" / "fixtures" / "clipgen"
     notebook = _execute("generate_with_checkpoint.ipynb", work, monkeypatch,
-                        CLIPGEN_NOTEBOOK_CHECKPOINT=archive.as_uri(), CLIPGEN_NOTEBOOK_CLIP=str(clip_path))
+                        CLIPGEN_NOTEBOOK_CHECKPOINT=archive.as_uri(), CLIPGEN_NOTEBOOK_CLIP=str(clip_path),
+                        CLIPGEN_NOTEBOOK_OFFICIAL_VQGAN=str(official / "single_attention_vqgan.pt"),
+                        CLIPGEN_NOTEBOOK_OFFICIAL_GPT=str(official / "single_attention_gpt.pt"),
+                        CLIPGEN_NOTEBOOK_OFFICIAL_HEADS="4")
     assert (work / "checkpoints" / "tiny_run" / "tiny_run" / "prior" / "metadata.json").is_file()
     records = _samples(work / "generated", num_prompts=4, keep=2)
     assert [r["prompt"] for r in records[::2]] == ["a photo of a golden retriever", "a red sports car on a road",
                                                     "a bowl of fruit on a table", "a lighthouse by the sea"]
-    assert _shown_images(notebook) == 1
+    assert [r["prompt"] for r in _samples(work / "generated_clipgen_coco", num_prompts=2, keep=2)[::2]] == [
+        "A city bus driving on the city street", "A train being operated on a train track"]
+    assert _shown_images(notebook) == 2
