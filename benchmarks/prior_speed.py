@@ -119,7 +119,7 @@ def _benchmark_training(model: prior.Prior, params, batch_size: int) -> dict:
 def _benchmark_sampling(model: prior.Prior, params) -> dict:
     params = jax.tree.map(lambda p: p.astype(model.dtype), params)  # what inference reads: compute-dtype weights
     cond_BD = jax.random.normal(jax.random.PRNGKey(3), (_SAMPLE_BATCH.value, model.cond_dim))
-    rng = jax.random.PRNGKey(4)
+    rng = sampling.row_keys(4, jnp.zeros(_SAMPLE_BATCH.value), jnp.arange(_SAMPLE_BATCH.value))
     repeats = _SAMPLE_REPEATS.value
     compile_start = time.perf_counter()
     jax.block_until_ready(sampling.sample(model, params, cond_BD, rng))

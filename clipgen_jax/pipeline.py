@@ -19,8 +19,9 @@ import logging
 import math
 import os
 import pathlib
+import shlex
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -235,6 +236,11 @@ def decode_and_score(vqgan: vqgan_lib.VQGAN, vqgan_params: Any, clip: clip_lib.C
     return images_u8, jnp.sum(features_BD * query_BD, axis=-1)
 
 
+def image_pixels(image: Image.Image) -> np.ndarray:
+    """An image -> RGB float32 [H, W, 3] in [-1, 1], as `CLIP.embed_images` takes it (and resizes and crops it)."""
+    return np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1.0
+
+
 def check_prompts(clip: clip_lib.CLIP, texts: Sequence[str]) -> list[str]:
     """The prompts as a list; PromptError for an empty one or one longer than the CLIP's context."""
     if isinstance(texts, str):
@@ -284,6 +290,9 @@ class Pipeline:
     vqgan_params: Any
     clip: clip_lib.CLIP
     metadata: dict
+    # The models as `load` was given them ({"prior": ..., and "vqgan", "clip" when not the prior's own}): the flags of
+    # the tools/generate.py command that reproduces an image (`command_line`).
+    source: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         side = self.vqgan.resolution // self.vqgan.downsample_factor
@@ -309,8 +318,10 @@ class Pipeline:
         check_models(metadata, prior_path,
                      precomputed.vqgan_identity(vqgan_path, vqgan_params, vqgan_metadata["model"]),
                      precomputed.clip_identity(loaded_clip))
+        source = {flag: str(value) for flag, value in (("prior", prior_path), ("vqgan", vqgan), ("clip", clip))
+                  if value is not None}
         return cls(prior=model, prior_params=params, vqgan=vqgan_model, vqgan_params=vqgan_params, clip=loaded_clip,
-                   metadata=metadata)
+                   metadata=metadata, source=source)
 
     @property
     def image_size(self) -> int:
@@ -331,51 +342,117 @@ class Pipeline:
         return decode_and_score(self.vqgan, vqgan_params, self.clip, clip_params,
                                 tokens_BL.reshape((-1,) + self.grid_shape), query_BD)
 
+    @property
+    def null_embedding_trained(self) -> bool:
+        """Whether the prior was trained with condition dropout (cond.dropout > 0), which classifier-free guidance
+        needs: otherwise its null embedding is still its random initialisation."""
+        return bool(self.metadata.get("cond", {}).get("dropout"))
+
     def generate(self, texts: Sequence[str] | None = None, image_embeddings: np.ndarray | None = None, *,
                  num_candidates: int = 16, keep: int = 1, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, guidance_scale: float = 1.0, seed: int = 0,
-                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                 top_p: float | None = None, guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 64,
+                 prompt_indices: Sequence[int] | None = None, first_candidates: Sequence[int] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """For each prompt (or CLIP image embedding: variations of that image), draws `num_candidates` images,
         ranks them by CLIP similarity to the prompt (or embedding) and keeps the best `keep`.
 
-        Returns (uint8 images [P, keep, H, W, 3], scores [P, keep] sorted descending). Deterministic for a seed,
-        inputs and batch_size (the sampler draws `batch_size` images per call; the last call is padded)."""
+        Returns (uint8 images [P, keep, H, W, 3], scores [P, keep] sorted descending). Candidate n of prompt p is
+        drawn with the key `sampling.row_keys(seed, prompt_indices[p], first_candidates[p] + n)` (by default the
+        prompt's position p in `texts` and n), so it is the same whatever batch_size, num_candidates or the other
+        prompts, up to floating point (see `sampling`: another number of rows per call can flip a near tie).
+        The sampler draws at most `batch_size` rows per call, padded to a power of two so that few shapes compile;
+        `progress(rows done, rows)` is called after each call."""
         return self.generate_from_embeddings(
             query_embeddings(self.clip, texts, image_embeddings), num_candidates=num_candidates, keep=keep,
             temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale, seed=seed,
-            batch_size=batch_size)
+            batch_size=batch_size, prompt_indices=prompt_indices, first_candidates=first_candidates,
+            progress=progress)
 
     def generate_from_embeddings(self, queries_PD: np.ndarray, *, num_candidates: int = 16, keep: int = 1,
                                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                                 guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 64
+                                 guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 64,
+                                 prompt_indices: Sequence[int] | None = None,
+                                 first_candidates: Sequence[int] | None = None,
+                                 progress: Callable[[int, int], None] | None = None
                                  ) -> tuple[np.ndarray, np.ndarray]:
         """`generate` for L2-normalised CLIP embeddings [P, D] (text or image) that condition and rank at once."""
         check_candidates(num_candidates, keep, batch_size)
         check_sampling_settings(temperature, top_k, top_p, guidance_scale, self.prior.vocab_size)
-        if guidance_scale != 1.0 and not self.metadata.get("cond", {}).get("dropout"):
-            logger.warning("guidance_scale=%s but this prior was trained without condition dropout: its null "
-                           "embedding is untrained, so guidance only adds noise", guidance_scale)
+        check_guidance(guidance_scale, self.metadata.get("cond", {}))
         queries_PD = np.asarray(queries_PD, np.float32)
         num_prompts = len(queries_PD)
-        rows_RD = np.repeat(queries_PD, num_candidates, axis=0)  # row p * N + n: candidate n of prompt p
+        prompt_index_P = np.arange(num_prompts) if prompt_indices is None else np.asarray(prompt_indices)
+        first_candidate_P = np.zeros(num_prompts, int) if first_candidates is None else np.asarray(first_candidates)
+        if prompt_index_P.shape != (num_prompts,) or first_candidate_P.shape != (num_prompts,):
+            raise ValueError(f"prompt_indices and first_candidates need one entry per prompt ({num_prompts})")
+        # Row p * N + n: candidate n of prompt p.
+        rows_RD = np.repeat(queries_PD, num_candidates, axis=0)
+        keys_R2 = sampling.row_keys(seed, np.repeat(prompt_index_P, num_candidates),
+                                    (first_candidate_P[:, None] + np.arange(num_candidates)).reshape(-1))
         num_rows = len(rows_RD)
+        rows_per_call = min(batch_size, 1 << (num_rows - 1).bit_length())
         images, scores = [], []
-        for batch_index, start in enumerate(range(0, num_rows, batch_size)):
-            chunk_BD = rows_RD[start:start + batch_size]
+        for start in range(0, num_rows, rows_per_call):
+            chunk_BD, chunk_keys_B2 = rows_RD[start:start + rows_per_call], keys_R2[start:start + rows_per_call]
             valid = len(chunk_BD)
             # One shape for every call (the last is padded with copies), so the sampler compiles once.
-            chunk_BD = np.concatenate([chunk_BD, np.repeat(chunk_BD[-1:], batch_size - valid, axis=0)])
-            rng = jax.random.fold_in(jax.random.PRNGKey(seed), batch_index)
-            tokens_BL = sampling.sample(self.prior, self.prior_params, jnp.asarray(chunk_BD), rng,
+            chunk_BD = np.concatenate([chunk_BD, np.repeat(chunk_BD[-1:], rows_per_call - valid, axis=0)])
+            chunk_keys_B2 = jnp.concatenate([chunk_keys_B2,
+                                             jnp.repeat(chunk_keys_B2[-1:], rows_per_call - valid, axis=0)])
+            tokens_BL = sampling.sample(self.prior, self.prior_params, jnp.asarray(chunk_BD), chunk_keys_B2,
                                         temperature=temperature, top_k=top_k, top_p=top_p,
                                         guidance_scale=guidance_scale)
             images_u8, scores_B = self._decode_and_score(self.vqgan_params, self.clip.params, tokens_BL,
                                                          jnp.asarray(chunk_BD))
             images.append(np.asarray(images_u8)[:valid])
             scores.append(np.asarray(scores_B, np.float32)[:valid])
+            if progress is not None:
+                progress(start + valid, num_rows)
         images_PNHWC = np.concatenate(images).reshape((num_prompts, num_candidates) + images[0].shape[1:])
         scores_PN = np.concatenate(scores).reshape(num_prompts, num_candidates)
         return rerank(images_PNHWC, scores_PN, keep)
+
+    # -- one request, as an interactive front end makes it ---------------------------------------------------------
+
+    def generate_one(self, text: str | None = None, image_embedding: np.ndarray | None = None, *,
+                     image_path: str = "IMAGE", num_candidates: int = 16, keep: int = 1, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None, guidance_scale: float = 1.0,
+                     seed: int = 0, batch_size: int = 64, progress: Callable[[int, int], None] | None = None
+                     ) -> Generation:
+        """`generate` for one prompt (or one CLIP image embedding [D], of the image at `image_path`), with the
+        tools/generate.py command that draws the same images: prompt index 0, candidates 0 ... N - 1, and the same
+        rows per call (the tokens do not depend on them, but the decoder may round a pixel differently)."""
+        settings = dict(num_candidates=num_candidates, keep=keep, temperature=temperature, top_k=top_k, top_p=top_p,
+                        guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
+        images_PKHWC, scores_PK = self.generate(
+            None if text is None else [text], None if image_embedding is None else np.asarray(image_embedding)[None],
+            progress=progress, **settings)
+        return Generation(images_KHWC=images_PKHWC[0], scores_K=scores_PK[0],
+                          command=self.command_line(text=text, image_path=None if text is not None else image_path,
+                                                    **settings))
+
+    def command_line(self, *, text: str | None = None, image_path: str | None = None, **settings: Any) -> str:
+        """The shell command `python tools/generate.py ...` that generates with these models, the prompt (or image)
+        and the `generate` settings given (every one named explicitly, so that it does not depend on defaults)."""
+        if (text is None) == (image_path is None):
+            raise ValueError("pass exactly one of text and image_path")
+        words = ["python", "tools/generate.py", *(f"--{flag}={value}" for flag, value in self.source.items()),
+                 f"--text={text}" if text is not None else f"--image={image_path}"]
+        words += [f"--{name}={value}" for name, value in settings.items() if value is not None]
+        return shlex.join(words)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `Pipeline.generate_one` returns: the kept images best first, their CLIP scores, and the command."""
+
+    images_KHWC: np.ndarray  # uint8
+    scores_K: np.ndarray  # CLIP cosine similarity to the prompt (or image), descending
+    command: str  # python tools/generate.py ... that writes the same images
+
+
+# The sampling settings of the paper's released code (HFAiLab/clip-gen demo.py): `tools/generate.py --preset`.
+SAMPLING_PRESETS = {"official": dict(temperature=1.0, top_k=500, top_p=0.95, num_candidates=64, keep=8)}
 
 
 def check_candidates(num_candidates: int, keep: int, batch_size: int) -> None:
@@ -402,6 +479,14 @@ def check_sampling_settings(temperature: float, top_k: int | None, top_p: float 
     if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"guidance_scale={guidance_scale} must be a number >= 0 (1 is no guidance, 0 ignores the "
                          "prompt)")
+
+
+def check_guidance(guidance_scale: float, cond: Mapping[str, Any]) -> None:
+    """ValueError (one line) for guidance_scale != 1 with a prior trained without condition dropout (`cond`, its
+    config's): its null embedding, which guidance samples against, is then untrained."""
+    if guidance_scale != 1.0 and not cond.get("dropout"):
+        raise ValueError(f"guidance_scale={guidance_scale} needs a prior trained with condition dropout (cond.dropout "
+                         "> 0), which this one was not: its null embedding is untrained; use guidance_scale 1")
 
 
 # ----------------------------------------------------------------------------------------------------------------

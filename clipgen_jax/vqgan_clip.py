@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clipgen_jax import checkpointing, pipeline
+from clipgen_jax import checkpointing, pipeline, sampling
 from clipgen_jax.models import clip as clip_lib
 from clipgen_jax.models import vqgan as vqgan_lib
 
@@ -220,9 +220,8 @@ class VQGANCLIP:
         queries_PD = pipeline.query_embeddings(self.clip, texts, image_embeddings)
         num_prompts = len(queries_PD)
         rows_RD = np.repeat(queries_PD, num_candidates, axis=0)  # row p * N + n: candidate n of prompt p
-        root = jax.random.PRNGKey(seed)
-        keys_R2 = jax.vmap(lambda p, n: jax.random.fold_in(jax.random.fold_in(root, p), n))(
-            jnp.repeat(jnp.arange(num_prompts), num_candidates), jnp.tile(jnp.arange(num_candidates), num_prompts))
+        keys_R2 = sampling.row_keys(seed, np.repeat(np.arange(num_prompts), num_candidates),
+                                    np.tile(np.arange(num_candidates), num_prompts))
         batch_size = min(batch_size, len(rows_RD))
         images, scores = [], []
         for start in range(0, len(rows_RD), batch_size):

@@ -3,8 +3,10 @@ VQGAN the prior was not trained with, prompt checks, prompts files and the outpu
 
 `tiny_models` and `save_prior_bundle` are also used by test_generate_tool.py and training/test_prior_stage.py."""
 
+import dataclasses
 import json
 import pathlib
+import shlex
 import shutil
 
 import jax
@@ -15,6 +17,7 @@ from PIL import Image
 
 from clipgen_jax import checkpointing, pipeline, training
 from clipgen_jax.data import precomputed
+from clipgen_jax.evaluation import generation
 from clipgen_jax.models import clip, clip_tokenizer, vqgan
 from clipgen_jax.models import prior as prior_lib
 
@@ -126,6 +129,57 @@ def test_generate_from_image_embeddings_ranks_by_similarity_to_them(pipe):
         pipe.generate(image_embeddings=np.ones((1, 8), np.float32))
     with pytest.raises(ValueError, match="keep=5 must be between 1 and num_candidates=4"):
         pipe.generate(image_embeddings=embeddings, num_candidates=4, keep=5)
+
+
+def _found_in(images_AHWC, images_BHWC) -> np.ndarray:
+    """[A] whether each image of A is one of B's. The tokens are exact, but the VQGAN decoder's convolutions are
+    blocked by batch shape too, so a pixel may round to the neighbouring uint8 value."""
+    difference_AB = np.abs(images_AHWC[:, None].astype(int) - images_BHWC[None].astype(int)).max(axis=(2, 3, 4))
+    return (difference_AB <= 1).any(axis=1)
+
+
+def test_a_candidates_image_depends_on_seed_prompt_and_candidate_index_only(pipe):
+    """Candidate n of prompt p is the same image at 1, 7 or 64 rows per call, with fewer candidates or other
+    prompts; evaluation's repeats of a prompt are its further candidates."""
+    whole, _ = pipe.generate(PROMPTS, num_candidates=4, keep=4, seed=5, batch_size=64)
+    assert not _found_in(whole[0], whole[1]).any()
+    for batch_size in (1, 7):
+        images, _ = pipe.generate(PROMPTS, num_candidates=4, keep=4, seed=5, batch_size=batch_size)
+        assert all(_found_in(images[p], whole[p]).all() for p in range(2))
+    first_two, _ = pipe.generate(PROMPTS[1:], num_candidates=2, keep=2, seed=5, prompt_indices=[1])
+    last_two, _ = pipe.generate(PROMPTS[1:], num_candidates=2, keep=2, seed=5, prompt_indices=[1],
+                                first_candidates=[2])
+    assert _found_in(np.concatenate([first_two[0], last_two[0]]), whole[1]).all()
+    assert not _found_in(first_two[0], last_two[0]).any()
+    repeated = generation.pipeline_method(pipe)([PROMPTS[0], PROMPTS[0], PROMPTS[1]], 2, 5)
+    best_of_two, _ = pipe.generate(PROMPTS, num_candidates=2, keep=1, seed=5)
+    assert _found_in(repeated[[0, 2]], best_of_two[:, 0]).all() and _found_in(repeated[1:2], whole[0]).all()
+    assert not _found_in(repeated[1:2], best_of_two[:, 0]).any()
+
+
+def test_guidance_is_refused_without_a_trained_null_embedding(pipe):
+    assert not pipe.null_embedding_trained
+    with pytest.raises(ValueError, match=r"guidance_scale=2.0 needs a prior trained with condition dropout "
+                                         r"\(cond.dropout > 0\)"):
+        pipe.generate(PROMPTS, num_candidates=1, guidance_scale=2.0)
+    guided = dataclasses.replace(pipe, metadata={**pipe.metadata, "cond": {**pipe.metadata["cond"], "dropout": 0.1}})
+    assert guided.null_embedding_trained
+    assert guided.generate(PROMPTS[:1], num_candidates=1, guidance_scale=2.0)[0].shape == (1, 1, 32, 32, 3)
+
+
+def test_generate_one_reports_progress_and_the_command(pipe, bundle):
+    calls = []
+    result = pipe.generate_one(PROMPTS[0], num_candidates=3, keep=2, seed=4, top_k=10, batch_size=2,
+                               progress=lambda done, total: calls.append((done, total)))
+    images, scores = pipe.generate(PROMPTS[:1], num_candidates=3, keep=2, seed=4, top_k=10)
+    np.testing.assert_array_equal(result.images_KHWC, images[0])
+    np.testing.assert_array_equal(result.scores_K, scores[0])
+    assert calls == [(2, 3), (3, 3)]
+    assert shlex.split(result.command) == [
+        "python", "tools/generate.py", f"--prior={bundle}", f"--text={PROMPTS[0]}", "--num_candidates=3", "--keep=2",
+        "--temperature=1.0", "--top_k=10", "--guidance_scale=1.0", "--seed=4", "--batch_size=2"]
+    variation = pipe.generate_one(image_embedding=np.ones(16, np.float32), image_path="cat.png", num_candidates=2)
+    assert variation.images_KHWC.shape == (1, 32, 32, 3) and "--image=cat.png" in variation.command
 
 
 def test_prompt_problems_are_named(pipe):

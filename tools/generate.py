@@ -7,6 +7,7 @@ images.
       [--prior DIR (default runs/shapes/prior: a prior training workdir or an exported bundle)]
       [--vqgan DIR --clip NAME_OR_DIR (default: the prior's own, from its metadata)]
       [--num_candidates 16 --keep 1 --temperature 1 --top_k K --top_p P --guidance_scale 1 --seed 0]
+      [--preset official (the paper's code: temperature 1, top_k 500, top_p 0.95, 64 candidates, keep 8)]
       [--out generated]
   python tools/generate.py --method vqgan_clip --vqgan DIR --clip NAME_OR_DIR (--text ... | --prompts ... | --image ...)
       [--steps 30 --learning_rate 0.1 --cutouts 2 --num_candidates 4 --keep 1 --seed 0] [--out generated]
@@ -17,6 +18,10 @@ For each prompt it draws num_candidates images, ranks them by CLIP similarity to
 --image) and keeps the best `keep`, writing OUT/{prompt_index:04d}_{rank:02d}.png at the model's native resolution
 (rank 0 = best), OUT/grid.png and OUT/samples.json (prompt, seed, file and CLIP score of each image). OUT is written
 whole or not at all; an earlier output there is replaced.
+
+Candidate n of the p-th prompt (or image) is drawn from the key fold_in(fold_in(PRNGKey(seed), p), n), so an image
+depends on the seed, the prompt's position in the list and its candidate index, not on --batch_size, --num_candidates
+or the other prompts (up to a floating-point near tie; clipgen_jax/sampling.py).
 """
 
 import sys
@@ -50,6 +55,10 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tok
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling: the smallest token set with this probability mass.")
 _GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 1.0, "Classifier-free guidance scale (1 = none; needs a "
                                      "prior trained with cond.dropout > 0).")
+_PRESET = flags.DEFINE_enum("preset", None, list(pipeline.SAMPLING_PRESETS),
+                            "Named sampling settings; flags given explicitly override them. official: the paper's "
+                            "code's (temperature 1, top_k 500 (at most the vocabulary), top_p 0.95, 64 candidates, "
+                            "keep 8).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images sampled (or optimised) per device call.")
 _STEPS = flags.DEFINE_integer("steps", vqgan_clip.Settings.steps, "vqgan_clip: optimisation steps per image.")
@@ -58,7 +67,7 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", vqgan_clip.Settings.learnin
 _CUTOUTS = flags.DEFINE_integer("cutouts", vqgan_clip.Settings.cutouts,
                                 "vqgan_clip: augmented views CLIP scores per image and step.")
 # The flags that only one method reads: given with the other method, they are refused rather than ignored.
-METHOD_FLAGS = {"prior": (_PRIOR, _TEMPERATURE, _TOP_K, _TOP_P, _GUIDANCE_SCALE),
+METHOD_FLAGS = {"prior": (_PRIOR, _TEMPERATURE, _TOP_K, _TOP_P, _GUIDANCE_SCALE, _PRESET),
                 "vqgan_clip": (_STEPS, _LEARNING_RATE, _CUTOUTS)}
 _OUT = flags.DEFINE_string("out", "generated", "Output directory.")
 
@@ -67,10 +76,23 @@ def _read_image(path: str) -> np.ndarray:
     """An image file -> [-1, 1] float32 [H, W, 3] (CLIP's preprocessing then resizes and crops it)."""
     try:
         with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"), np.float32)
+            return pipeline.image_pixels(image)
     except (OSError, ValueError) as error:
         raise pipeline.PromptError(f"cannot read the image {path}: {error}") from None
-    return rgb / 127.5 - 1.0
+
+
+def _flag_or_preset(flag):
+    """The flag's value when given, else --preset's value for it, else the flag's default."""
+    preset = pipeline.SAMPLING_PRESETS.get(_PRESET.value, {})
+    return preset[flag.name] if flag.name in preset and not flag.present else flag.value
+
+
+def _clip_preset_top_k(settings: dict, vocab_size: int) -> None:
+    """--preset's top_k beyond the prior's vocabulary becomes the vocabulary size (an explicit --top_k is refused)."""
+    if not _TOP_K.present and settings["top_k"] is not None and settings["top_k"] > vocab_size:
+        print(f"note: --preset={_PRESET.value} top_k {settings['top_k']} clipped to the prior's vocabulary size "
+              f"{vocab_size}", file=sys.stderr)
+        settings["top_k"] = vocab_size
 
 
 def _method_settings(method: str) -> dict:
@@ -82,8 +104,7 @@ def _method_settings(method: str) -> dict:
             if other != method and flag.present:
                 raise ValueError(f"--{flag.name} applies to --method {other} only, not {method}")
     if method == "prior":
-        settings = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                        guidance_scale=_GUIDANCE_SCALE.value)
+        settings = {flag.name: _flag_or_preset(flag) for flag in (_TEMPERATURE, _TOP_K, _TOP_P, _GUIDANCE_SCALE)}
         pipeline.check_sampling_settings(**settings)  # top_k's upper bound, the prior's vocabulary, once it loads
         return settings
     if not (_VQGAN.value and _CLIP.value):
@@ -101,8 +122,10 @@ def run() -> str:
                                    + (f" (got {' and '.join(given)})" if given else ""))
     method = _METHOD.value
     options = _method_settings(method)
-    num_candidates = DEFAULT_CANDIDATES[method] if _NUM_CANDIDATES.value is None else _NUM_CANDIDATES.value
-    pipeline.check_candidates(num_candidates, _KEEP.value, _BATCH_SIZE.value)
+    num_candidates = _flag_or_preset(_NUM_CANDIDATES)
+    num_candidates = DEFAULT_CANDIDATES[method] if num_candidates is None else num_candidates
+    keep = _flag_or_preset(_KEEP)
+    pipeline.check_candidates(num_candidates, keep, _BATCH_SIZE.value)
     prompts = sources = None
     if _PROMPTS.value:
         prompts = pipeline.read_prompts_file(_PROMPTS.value)
@@ -116,9 +139,10 @@ def run() -> str:
         pixels = [_read_image(path) for path in sources]
     if method == "prior":
         generator = pipeline.Pipeline.load(_PRIOR.value, vqgan=_VQGAN.value, clip=_CLIP.value)
+        _clip_preset_top_k(options, generator.prior.vocab_size)
     else:
         generator = vqgan_clip.VQGANCLIP.load(_VQGAN.value, _CLIP.value)
-    settings = dict(num_candidates=num_candidates, keep=_KEEP.value, seed=_SEED.value, batch_size=_BATCH_SIZE.value,
+    settings = dict(num_candidates=num_candidates, keep=keep, seed=_SEED.value, batch_size=_BATCH_SIZE.value,
                     **options)
     if prompts is not None:
         images, scores = generator.generate(texts=prompts, **settings)

@@ -97,6 +97,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     e = config.eval  # used at the first evaluation, after training has begun: a bad one would stop it there
     try:
         pipeline.check_sampling_settings(e.temperature, e.top_k, e.top_p, e.guidance_scale, config.model.vocab_size)
+        pipeline.check_guidance(e.guidance_scale, cond)
     except ValueError as error:
         raise ValueError(f"eval.{error}") from None
 
