@@ -9,8 +9,10 @@ MFU = tokens/s * F / peak, F = prior.training_flops_per_token (6 * matmul weight
 term, see its docstring), peak = --peak_tflops (default 989: dense bf16 of an H100 SXM / H200); reported only on
 accelerators. XLA's own count of the compiled step's FLOPs per token is reported beside it as a cross-check.
 Sampling draws --sample_batch images (temperature 1, no filtering) with `sampling.sample` (cached; also with
-classifier-free guidance, which doubles the rows) and `sampling.sample_naive`, with parameters cast to the compute
-dtype. Random weights: speed does not depend on them. One JSON line is appended to --out with the device and date.
+classifier-free guidance, which doubles the rows; also with top-k and nucleus filtering, at one setting and at a new
+setting per call: the settings are traced, so neither compiles) and `sampling.sample_naive`, with parameters cast to
+the compute dtype. Random weights: speed does not depend on them. One JSON line is appended to --out with the device
+and date.
 """
 
 import datetime
@@ -121,6 +123,8 @@ def _benchmark_sampling(model: prior.Prior, params) -> dict:
     cond_BD = jax.random.normal(jax.random.PRNGKey(3), (_SAMPLE_BATCH.value, model.cond_dim))
     rng = sampling.row_keys(4, jnp.zeros(_SAMPLE_BATCH.value), jnp.arange(_SAMPLE_BATCH.value))
     repeats = _SAMPLE_REPEATS.value
+    new_settings = (dict(temperature=1.0 + 0.01 * i, top_k=10 + i, top_p=0.5 + 0.4 * i / (repeats + 1))
+                    for i in range(repeats + 1))
     compile_start = time.perf_counter()
     jax.block_until_ready(sampling.sample(model, params, cond_BD, rng))
     return {
@@ -130,6 +134,10 @@ def _benchmark_sampling(model: prior.Prior, params) -> dict:
         "sample_cached_guided_seconds": _time_calls(
             lambda: sampling.sample(model, params, cond_BD, rng, guidance_scale=_GUIDANCE_SCALE.value), repeats),
         "sample_naive_seconds": _time_calls(lambda: sampling.sample_naive(model, params, cond_BD, rng), repeats),
+        "sample_filtered_seconds": _time_calls(
+            lambda: sampling.sample(model, params, cond_BD, rng, temperature=0.9, top_k=50, top_p=0.9), repeats),
+        "sample_filtered_new_setting_seconds": _time_calls(
+            lambda: sampling.sample(model, params, cond_BD, rng, **next(new_settings)), repeats),
     }
 
 
