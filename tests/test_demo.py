@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from PIL import Image
-from test_pipeline import tiny_models
+from helpers import tiny_models
 
 from clipgen_jax import demo
 from clipgen_jax.data import shapes
@@ -35,6 +35,9 @@ def _check_prior_scores(prior: dict) -> None:
         for key in ("all",) + shapes.ATTRIBUTE_NAMES:
             assert 0.0 <= prior[method]["mean"][f"oracle_{key}"] <= 1.0
             assert prior[method]["std"][f"oracle_{key}"] is None  # one seed: no spread
+        for half in shapes.HELDOUT_HALVES:  # the strict reading never scores above the lenient one
+            mean = prior[method]["mean"]
+            assert 0.0 <= mean[f"oracle_{half}_all"] <= mean[f"oracle_{half}_lenient_all"] <= 1.0
         assert 0.0 <= prior[method]["mean"]["clip_score"] <= 100.0 and prior[method]["mean"]["fd_clip"] > 0.0
 
 
@@ -57,6 +60,8 @@ def test_quick_demo_writes_results_and_reuses_finished_stages(tmp_path):
     heldout = results["vqgan_heldout"]
     assert heldout["num_images"] == 96  # the tiny build's held-out split
     assert 0.0 < heldout["codebook_usage"] <= 1.0 and 0.0 <= heldout["oracle_agreement/all"] <= 1.0
+    assert heldout["oracle_agreement/all"] <= heldout["oracle_agreement/lenient_all"]
+    assert heldout["inputs_margin_below_min"] <= 0.05 and heldout["inputs_margin_p10"] >= shapes.MIN_SHAPE_MARGIN
     assert list(results["seconds"]) == STAGES and results["reused"] == []
     assert all(seconds > 0 for name, seconds in results["seconds"].items() if name != "build_shapes")
     assert results["clip"]["name"] == str(clip_dir) and results["clip"]["embed_dim"] == 16
@@ -69,7 +74,8 @@ def test_quick_demo_writes_results_and_reuses_finished_stages(tmp_path):
     _check_layout(out)
     text = (out / "results.md").read_text()
     for heading in ("| images | PSNR (dB)", "## CLIP", "| method | CLIP score (shapes-clip-eval) | FD-CLIP",
-                    "| CLIP-GEN, CLIP re-ranking (best of 4)", "| CLIP-GEN, no re-ranking",
+                    "| CLIP-GEN, CLIP re-ranking (best of 4)", "| CLIP-GEN, no re-ranking", "| strict |",
+                    "| reconstructions |", "Test half (48 prompts), the headline:", "Tuning half (48 prompts)",
                     "| stage | budget | measured | within |", "| generation + evaluation | 6 |"):
         assert heading in text
 
