@@ -124,6 +124,17 @@ def write_report(results_dir: pathlib.Path) -> pathlib.Path:
         ["date", "device", "preset", "dtype", "images", "seconds", "images/s", "parts alone (images/s)", "bound by",
          "malloc keeps freed memory"],
         precompute_rows) + [""]
+    official_rows = [[r["date"], r["device"], r["shape"], str(r["images"]), str(r["tokens"]),
+                      _number(r["official_seconds"], 2), _number(r["ours_seconds"], 2),
+                      _number(r["ours_first_call_seconds"], 1), f"{r['speedup']:.1f}x", str(r["torch_threads"]),
+                      _yes_no(r.get("malloc_keeps_freed_memory"))]
+                     for r in _read(results_dir / "official_sampler_speed.jsonl")]
+    lines += ["## Sampling: the official CLIP-GEN GPT's sample() (PyTorch) vs this project's sampler, same weights",
+              "", "benchmarks/official_sampler_speed.py (needs a checkout of the official code; not in the suite's "
+              "plan). Top-k 500, top-p 0.95; this project's time excludes its first call (compilation), shown apart.",
+              ""] + _table(
+        ["date", "device", "shape", "images", "tokens", "official s", "this project s", "first call s (compiles)",
+         "speedup", "torch threads", "malloc keeps freed memory"], official_rows) + [""]
     path = results_dir / "RESULTS.md"
     path.write_text("\n".join(lines))
     return path

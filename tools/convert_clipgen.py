@@ -16,7 +16,7 @@ import zipfile
 from absl import app, flags
 
 from clipgen_jax import cli
-from clipgen_jax.models import clipgen_import
+from clipgen_jax.models import clipgen_import, taming_import
 
 _VQGAN = flags.DEFINE_string("vqgan", None, "The official VQGAN checkpoint (vqgan_coco.pt).")
 _GPT = flags.DEFINE_string("gpt", None, "The official GPT checkpoint (gpt_coco.pt).")
@@ -26,9 +26,7 @@ _HEADS = flags.DEFINE_integer("heads", None, "The GPT's attention heads (default
 _CLIP = flags.DEFINE_string("clip", clipgen_import.DEFAULT_CLIP,
                             "The CLIP the GPT is conditioned on: a Hub id (recorded unverified) or a local directory "
                             "(its weights' hash is recorded and checked whenever the prior loads).")
-_READER = flags.DEFINE_enum("reader", "auto", ["auto", "torch", "restricted"],
-                            "How to read the .pt files: torch.load(weights_only=True), the restricted reader, or auto "
-                            "(torch when installed and it accepts the file).")
+_READER = flags.DEFINE_enum("reader", "auto", taming_import.READERS, taming_import.READER_HELP)
 flags.mark_flags_as_required(["vqgan", "gpt", "out"])
 
 

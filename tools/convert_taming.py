@@ -18,9 +18,7 @@ from clipgen_jax.models import taming_import
 _CKPT = flags.DEFINE_string("ckpt", None, "taming's .ckpt file (a PyTorch Lightning checkpoint).")
 _CONFIG = flags.DEFINE_string("config", None, "taming's model YAML for that checkpoint.")
 _OUT = flags.DEFINE_string("out", None, "Output bundle directory (must not exist).")
-_READER = flags.DEFINE_enum("reader", "auto", ["auto", "torch", "restricted"],
-                            "How to read the .ckpt: torch.load(weights_only=True), the restricted reader, or auto "
-                            "(torch when installed and it accepts the file).")
+_READER = flags.DEFINE_enum("reader", "auto", taming_import.READERS, taming_import.READER_HELP)
 flags.mark_flags_as_required(["ckpt", "config", "out"])
 
 

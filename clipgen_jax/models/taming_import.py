@@ -36,6 +36,9 @@ from clipgen_jax.models import vqgan
 logger = logging.getLogger(__name__)
 
 Reader = Literal["auto", "torch", "restricted"]
+READERS = ("auto", "torch", "restricted")  # for command-line flags
+READER_HELP = ("How to read the checkpoint: torch.load(weights_only=True), the restricted reader (no torch needed), or "
+               "auto (torch when installed and it accepts the file).")
 StateDict = dict[str, np.ndarray]
 # Where a param comes from: the state-dict key, that tensor's shape there, and the function from it to the param.
 Source = tuple[str, tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
