@@ -157,18 +157,20 @@ def _evaluate_prior() -> tuple[dict, pathlib.Path]:
     if eval_clip.weights_hash() == pipe.clip.weights_hash():
         raise app.UsageError(f"--eval_clip={eval_clip_name} is the CLIP that conditions and re-ranks the prior; "
                              "scores must come from another one")
-    attributes, groups, seeds = None, None, _seeds()
+    attributes, groups, seeds, prompt_indices = None, None, _seeds(), None
     if _PROMPTS.value:
         prompts = pipeline.read_prompts_file(_PROMPTS.value)
         reference = clip_scores.read_split(data_config, split, _BATCH_SIZE.value)["image"]
     elif on_shapes:
         attributes, groups = _shapes_prompts()
         prompts = [shapes.canonical_caption(a) for a in attributes]
+        if _COMBINATIONS.value == "heldout":  # the sampler's prompt index: the combination's, whichever half runs
+            prompt_indices = [shapes.heldout_combinations().index(a) for a in attributes]
         reference = clip_scores.read_split(data_config, split, _BATCH_SIZE.value)["image"]
     else:
         reference, captions = clip_scores.read_captioned_split(data_config, split, _BATCH_SIZE.value)
         prompts = captions[:_MAX_PROMPTS.value]
-    method = generation.pipeline_method(pipe, guidance_scale=_GUIDANCE_SCALE.value)
+    method = generation.pipeline_method(pipe, guidance_scale=_GUIDANCE_SCALE.value, prompt_indices=prompt_indices)
     methods = {f"CLIP-GEN, re-ranked (best of {_NUM_CANDIDATES.value})": (method, _NUM_CANDIDATES.value),
                "CLIP-GEN, no re-ranking": (method, 1)}
     if not (_PROMPTS.value or on_shapes):  # the split's own images as the scale: its captions' and other captions'

@@ -158,17 +158,20 @@ def markdown_table(results: dict[str, dict], clip_name: str, group: str | None =
     return "\n".join(lines)
 
 
-def pipeline_method(pipe: Any, *, batch_size: int = 64, **sampling: Any) -> GenerateFn:
+def pipeline_method(pipe: Any, *, batch_size: int = 64, prompt_indices: Sequence[int] | None = None,
+                    **sampling: Any) -> GenerateFn:
     """A `pipeline.Pipeline` as a method: its CLIP-best of `num_candidates` samples per text.
 
     `evaluate_method` repeats each prompt: repeat r of the p-th prompt (a run of equal texts is one prompt) draws
-    candidates r * num_candidates ... (r + 1) * num_candidates - 1 of prompt index p, so the image the oracle scores
-    (repeat 0) is the one `tools/generate.py --prompts` keeps (keep 1) for the same prompts, seed and candidates."""
+    candidates r * num_candidates ... (r + 1) * num_candidates - 1 of prompt index prompt_indices[p] (default p; on
+    Shapes the held-out combination's index), so the image the oracle scores (repeat 0) is the one
+    `tools/generate.py --prompts` keeps (keep 1) for that prompt at that line, seed and candidates."""
     def generate(texts: Sequence[str], num_candidates: int, seed: int) -> np.ndarray:
         texts = list(texts)
         starts_N = np.array([i == 0 or texts[i] != texts[i - 1] for i in range(len(texts))])
-        prompt_index_N = np.cumsum(starts_N) - 1
-        repeat_N = np.arange(len(texts)) - np.flatnonzero(starts_N)[prompt_index_N]
+        run_N = np.cumsum(starts_N) - 1
+        repeat_N = np.arange(len(texts)) - np.flatnonzero(starts_N)[run_N]
+        prompt_index_N = run_N if prompt_indices is None else np.asarray(prompt_indices)[run_N]
         images_PKHWC, _ = pipe.generate(texts, num_candidates=num_candidates, keep=1, seed=seed,
                                         batch_size=batch_size, prompt_indices=prompt_index_N,
                                         first_candidates=repeat_N * num_candidates, **sampling)
