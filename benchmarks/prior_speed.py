@@ -24,12 +24,13 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from clipgen_jax import sampling
+from clipgen_jax import sampling, training
 from clipgen_jax.models import prior
 
 import results_file  # benchmarks/results_file.py (this script's folder is on sys.path)
 
-_PRESET = flags.DEFINE_enum("preset", "shapes", list(prior.PRESETS), "prior.PRESETS entry.")
+_PRESET = flags.DEFINE_enum("preset", "shapes", ["shapes", *prior.PRESETS],
+                            "configs/prior.py preset whose model is timed.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Training batch size.")
 _COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", "auto", "auto: bfloat16 on accelerators, float32 on CPU.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed training steps (after one warm-up step).")
@@ -43,7 +44,7 @@ _OUT = flags.DEFINE_string("out", "benchmarks/results/prior_speed.jsonl", "JSON-
 
 
 def _model_fields() -> dict:
-    fields = dict(prior.PRESETS[_PRESET.value])
+    fields = training.load_config(f"configs/prior.py:{_PRESET.value}").model.to_dict()
     for assignment in _OVERRIDES.value:
         key, _, value = assignment.partition("=")
         if key not in fields:

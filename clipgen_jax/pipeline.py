@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
-from clipgen_jax import checkpointing, sampling
+from clipgen_jax import checkpointing, numerics, sampling
 from clipgen_jax.data import precomputed
 from clipgen_jax.models import clip as clip_lib
 from clipgen_jax.models import prior as prior_lib
@@ -221,11 +221,6 @@ def _to_uint8(images: jax.Array) -> jax.Array:
     return jnp.round((jnp.clip(images.astype(jnp.float32), -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
-def normalise(embeddings_ND: np.ndarray) -> np.ndarray:
-    embeddings_ND = np.asarray(embeddings_ND, np.float32)
-    return embeddings_ND / np.maximum(np.linalg.norm(embeddings_ND, axis=-1, keepdims=True), 1e-12)
-
-
 def decode_and_score(vqgan: vqgan_lib.VQGAN, vqgan_params: Any, clip: clip_lib.CLIP, clip_params: Any,
                      tokens_Bhw: jax.Array, query_BD: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Code grids -> uint8 images and their CLIP cosine similarity to the query embeddings. CLIP sees the uint8
@@ -267,7 +262,7 @@ def query_embeddings(clip: clip_lib.CLIP, texts: Sequence[str] | None, image_emb
         raise ValueError("pass exactly one of texts and image_embeddings")
     if texts is not None:
         return clip.embed_texts(check_prompts(clip, texts))
-    queries_PD = normalise(image_embeddings)
+    queries_PD = np.asarray(numerics.l2_normalise(jnp.asarray(image_embeddings, jnp.float32)))
     if queries_PD.ndim != 2 or queries_PD.shape[1] != clip.embed_dim or not len(queries_PD):
         raise ValueError(f"image_embeddings must be [P, {clip.embed_dim}], got {queries_PD.shape}")
     return queries_PD

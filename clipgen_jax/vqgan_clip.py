@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clipgen_jax import checkpointing, pipeline, sampling
+from clipgen_jax import checkpointing, numerics, pipeline, sampling
 from clipgen_jax.models import clip as clip_lib
 from clipgen_jax.models import vqgan as vqgan_lib
 
@@ -160,7 +160,7 @@ class VQGANCLIP:
         if self.vqgan.quantizer == "l2":
             # The l2 quantizer ignores a latent's norm but Adam's steps are absolute: on unit latents the learning
             # rate is an angle, the same for every start (encoder outputs are several times longer than codes).
-            latents = latents / jnp.linalg.norm(latents, axis=-1, keepdims=True)
+            latents = numerics.l2_normalise(latents)
         return latents
 
     def _optimise_fn(self, vqgan_params, clip_params, queries_BD, key_B2, settings: Settings):

@@ -1,24 +1,20 @@
 """A CLIP of your own: transformers' FlaxCLIPModel trained with the symmetric InfoNCE loss (training/clip.py).
 
-Command:   python tools/train.py --config=configs/clip.py:shapes --workdir=runs/clip
-           The result is runs/clip/export, which loads like a Hub CLIP:
-           clipgen_jax.models.clip.load("runs/clip/export").
+Command:   python tools/train.py --config=configs/clip.py:PRESET --workdir=runs/clip
+           runs/clip/export then loads like a Hub CLIP: clipgen_jax.models.clip.load("runs/clip/export").
 Presets:
-  shapes       the recipe of the shipped Shapes CLIP ("shapes-clip"): a ViT (patch 4, 3 x 128) and a text
-               transformer (3 x 128) on canonical Shapes (S = 32) with random training captions and 4 hard-negative
-               captions per image, most of them changing the position, then the shape (the attributes in-batch
-               negatives teach slowest). 6500 steps of batch 64 on 2 CPU cores: about 50 minutes. Measured scores
-               and the exact run: clipgen_jax/assets/clip/README.md.
-  shapes_eval  the same recipe with another seed and data order: the evaluation CLIP ("shapes-clip-eval"), which
-               scores generated images but never conditions or re-ranks.
-  vit_b32      OpenAI's ViT-B/32 architecture from scratch, for a captioned dataset of your own (set data.*;
-               accelerators; batch 32768 in the paper, far smaller works for fine domains).
-  finetune     fine-tune a loaded CLIP (model.init_from, default openai/clip-vit-base-patch32) on your captions.
-  tiny         seconds on a CPU: the `tiny` Shapes build and a 1-layer model, for tests.
+  shapes       the shipped "shapes-clip": ViT (patch 4, 3 x 128) and text transformer (3 x 128), 6500 steps of
+               batch 64, 4 hard-negative captions per image. 2 CPU cores, 2026-11-27: 62.8 min shared (~50 alone).
+               Scores (zero-shot attributes 99.15-100% on held-out images): clipgen_jax/assets/clip/README.md.
+  shapes_eval  the same with another seed and data order: "shapes-clip-eval", which only scores generated images.
+  vit_b32      OpenAI's ViT-B/32 from scratch on captioned data of your own (set data.*); accelerators. Not trained.
+  finetune     fine-tunes a loaded CLIP (model.init_from, default openai/clip-vit-base-patch32) on your captions.
+  tiny         a 1-layer model on the `tiny` Shapes build; seconds on a CPU, for tests.
 """
 
 import ml_collections
 
+from clipgen_jax import optimizer
 from clipgen_jax.data import captions, images
 from clipgen_jax.training import clip, loop
 
@@ -32,17 +28,16 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
     config.mesh = loop.default_mesh_config()
     config.train = loop.default_train_config()
     config.model = clip.default_model_config()
-    config.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=5e-4, warmup_steps=2000, final_lr_fraction=0.0, b1=0.9, b2=0.98, weight_decay=0.2,
-        grad_clip_norm=1.0))
+    config.optimizer = optimizer.default_config(learning_rate=5e-4, warmup_steps=2000, b1=0.9, b2=0.98,
+                                                weight_decay=0.2, grad_clip_norm=1.0)
     config.eval = ml_collections.ConfigDict(dict(shapes_zero_shot=True))
     config.export_dtype = "float32"  # "float16" halves the export (the shipped Shapes CLIPs use it)
 
     if preset in ("shapes", "shapes_eval"):
-        # One grain worker process: caption drawing and tokenizing in threads of the training process slow its
-        # steps by 1.6x on 2 cores (measured: 1.33 vs 2.15 steps/s).
+        # One grain worker process: caption drawing in the training process's threads slows it 1.6x on 2 cores.
         config.data.update(source="shapes", name="s32", image_size=32, worker_count=1)
         config.captions.hard_negatives = 4
+        # Mostly position, then shape: the attributes in-batch negatives teach slowest (docs/experiments.md, CLIP).
         config.captions.hard_negative_weights = (1.0, 0.25, 0.25, 3.0, 0.25)
         # 20 tokens hold every Shapes training caption (the longest template with "bottom right" is exactly 20).
         config.model.update(image_size=32, patch_size=4, vision_width=128, vision_layers=3, vision_heads=4,

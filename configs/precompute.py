@@ -1,22 +1,14 @@
 """Precompute VQGAN tokens and CLIP embeddings for the prior (clipgen_jax/precompute.py).
 
 Command:   python tools/precompute.py --config=configs/precompute.py:PRESET [--config.vqgan=DIR --config.clip=NAME ...]
-           Running it again resumes (only missing shards are computed); on a complete dataset it says so and exits.
-           Read the result with clipgen_jax.data.precomputed (or tfds.data_source); `output.data_dir` is its data_dir.
+           Running it again computes only the missing shards. Read the result with clipgen_jax.data.precomputed.
 Presets:
-  shapes    the canonical Shapes world (s32): train, validation and heldout (24,000 images) through the Shapes VQGAN
-            (`python tools/train.py --config=configs/vqgan.py:shapes --workdir=runs/vqgan`) and the packaged
-            "shapes-clip". Per image: 64 int16 tokens (8 x 8), a 128-d float32 image embedding, the canonical caption
-            and its text embedding, and the five attribute labels. Output runs/precomputed/shapes_s32/1.0.0.
-            Hardware: 2 CPU cores. Bound by the device step (VQGAN encoder, then CLIP): benchmarks/precompute_speed.py
-            measured 224 images/s end to end (compilation included) on validation + heldout with the cores shared
-            with another job, so the 24,000 images take about 1.5 minutes, less on idle cores.
-  imagenet  a real-data example: ImageNet (TFDS imagenet2012 as array_record) at 256 px through the paper's f16 VQGAN
-            (configs/vqgan.py:imagenet_f16_16384, 16 x 16 tokens of 16384 codes) and OpenAI's ViT-B/32; 4 views
-            of each training image (view 0 the center crop, 1-3 random crops and flips), 1 of each validation image;
-            float16 embeddings. Hardware: accelerators (one pass of 5.1M training views), 8 decoding processes.
-  tiny      the `tiny` Shapes build's validation and heldout splits in small shards; tests set vqgan, clip and
-            output.data_dir.
+  shapes    Shapes train, validation and heldout (24,000 images) through the VQGAN in runs/vqgan and "shapes-clip":
+            64 tokens, image and caption embeddings and the five attribute labels per image, to
+            runs/precomputed/shapes_s32. 2 CPU cores; speed: benchmarks/results/RESULTS.md.
+  imagenet  ImageNet (TFDS imagenet2012) at 256 px through the f16 VQGAN (configs/vqgan.py:imagenet_f16_16384) and
+            OpenAI's ViT-B/32; 4 views per training image, float16 embeddings. Accelerators; not run in this project.
+  tiny      the `tiny` Shapes build's validation and heldout splits in small shards, for tests.
 """
 
 import ml_collections

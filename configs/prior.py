@@ -1,40 +1,30 @@
-"""Stage 2: the CLIP-conditioned autoregressive prior (training/prior.py) on a precomputed dataset.
+"""Stage 2: the CLIP-conditioned autoregressive prior (training/prior.py) on a dataset of tools/precompute.py.
 
 Command:   python tools/train.py --config=configs/prior.py:PRESET --workdir=DIR
-           The finished run exports an inference bundle to DIR/export; generate with
-           python tools/generate.py --prior DIR --text "a small red circle in the top left on a black background".
-Inputs:    data.data_dir/data.name: a dataset written by tools/precompute.py with the VQGAN (`vqgan`) and CLIP (`clip`)
-           named here; a dataset made with another VQGAN or CLIP is refused.
+           then python tools/generate.py --prior DIR --text "a small red circle in the top left on a black background"
 Presets:
-  shapes       the canonical Shapes world (S = 32): configs/precompute.py:shapes output (runs/precomputed/shapes_s32:
-               8 x 8 tokens of the Shapes VQGAN in runs/vqgan, 128-d "shapes-clip" embeddings), the `shapes` prior
-               (clipgen_jax/models/prior.py PRESETS). Conditioned on image embeddings only (the language-free
-               method); every 2750 steps it samples the 96 held-out canonical prompts (text embeddings, 1 sample each,
-               no re-ranking) and logs the oracle's accuracies as eval/shapes/* with a grid in DIR/images.
-               4 prefix tokens, token conditioning, dropout 0.1, 11000 steps of batch 16 at peak learning rate 2e-3.
-               Hardware: 2 CPU cores, alone, compilation, 4 evaluations and export included, 2026-11-28: 9.0 min
-               (543 s for the whole tools/train.py) on the slower of two machines (21 steps/s in
-               benchmarks/prior_speed.py, 16.5 without malloc keeping freed memory: clipgen_jax/host_memory.py);
-               held-out prompts re-ranked 80.9% all-attribute, shape 86.1%, position 94.1%. An earlier run on other
-               VQGAN tokens: 72.6% all-attribute, shape 84.7% (README "Shapes results").
-  gpt2_medium  the paper's prior (24 layers, width 1024, 16 heads, 256 tokens of 16384 codes) on ImageNet precomputed
-               by configs/precompute.py:imagenet (f16 VQGAN, OpenAI ViT-B/32), bf16 compute, scanned layers.
-               Hardware: 8+ accelerators for days (the paper trains for hundreds of thousands of steps).
-  gpt2_large   the same with 36 layers, width 1280, 20 heads; FSDP over 8 devices and 2 accumulated micro-batches.
+  shapes       configs/precompute.py:shapes output (Shapes VQGAN tokens, "shapes-clip" image embeddings).
+               2 CPU cores, 2026-11-28: 9.0 min alone (543 s, compilation, 4 evaluations and export included).
+               Held-out prompts, re-ranked: all five attributes 80.9%, shape 86.1%, position 94.1%.
+  gpt2_medium  the paper's prior (24 x 1024, 16 heads, bf16) on configs/precompute.py:imagenet output.
+               8+ accelerators for days; not trained in this project.
+  gpt2_large   the same at 36 x 1280, 20 heads; FSDP over 8 devices, 2 accumulated micro-batches. Not trained here.
   clipgen_coco fine-tunes CLIP-GEN's released COCO prior (tools/convert_clipgen.py --out runs/clipgen_coco) on images
                precomputed with its VQGAN and OpenAI's ViT-B/32 (output name coco_clipgen). Not run here.
-  tiny         seconds on a CPU, for tests: set data.data_dir, data.name, vqgan and clip to a tiny precomputed
-               dataset (64 codes on a 16 x 16 grid, 16-d CLIP), as tests/training/test_prior_stage.py does.
-Conditioning switches (cond.*), each measured on Shapes: source "image" (the paper) or "text" (captioned data only:
-the text-supervised upper bound); noise xi (LAFITE: e <- normalise(e + xi * normalise(gaussian))); dropout p (the
-learned null embedding replaces the condition with probability p, enabling classifier-free guidance at sampling);
-reconstruction_weight lambda (the paper's embedding-reconstruction loss, through the VQGAN decoder and CLIP).
+  tiny         seconds on a CPU, for tests (set data.data_dir, vqgan and clip to a tiny precomputed dataset).
 """
 
 import ml_collections
 
+from clipgen_jax import optimizer
 from clipgen_jax.models import prior
 from clipgen_jax.training import loop
+
+# The Shapes prior: the Shapes VQGAN's 8 x 8 grid of 256 codes, the Shapes CLIP's 128-d embeddings, sized for 2 CPU
+# cores. Prefix tokens, token conditioning and dropout each raised held-out accuracy (docs/experiments.md, Prior).
+SHAPES_MODEL = dict(vocab_size=256, num_tokens=64, cond_dim=128, width=128, depth=3, num_heads=4, mlp_ratio=4,
+                    num_prefix_tokens=4, token_conditioning=True, dropout_rate=0.1, scan_layers=False, remat=False,
+                    head_bias=False, exact_gelu=False, inner_dropout=False)
 
 
 def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
@@ -51,16 +41,15 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
     config.init_from = ml_collections.config_dict.placeholder(str)
     config.mesh = loop.default_mesh_config()
     config.train = loop.default_train_config()
-    config.model = ml_collections.ConfigDict(dict(prior.PRESETS["shapes"]))
+    config.model = ml_collections.ConfigDict(dict(SHAPES_MODEL))
     config.cond = ml_collections.ConfigDict(dict(
         source="image",  # "image": clip_image_embedding (language-free); "text": clip_text_embedding
         noise=0.0,  # LAFITE xi
         dropout=0.0,  # probability of the null embedding (classifier-free guidance needs > 0)
         reconstruction_weight=0.0))  # lambda of 1 - cos(CLIP(decode(straight-through tokens)), input embedding)
-    config.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=1e-3, warmup_steps=100, final_lr_fraction=0.1, b1=0.9, b2=0.95, weight_decay=0.1,
-        grad_clip_norm=1.0,
-        accumulation_steps=1))  # micro-batches per step: the batch is split and gradients summed in one jitted step
+    config.optimizer = optimizer.default_config(learning_rate=1e-3, warmup_steps=100, final_lr_fraction=0.1, b1=0.9,
+                                                b2=0.95, weight_decay=0.1, grad_clip_norm=1.0)
+    config.optimizer.accumulation_steps = 1  # micro-batches per step, their gradients summed in one jitted step
     config.eval = ml_collections.ConfigDict(dict(
         # Prompts sampled at each evaluation point into a grid (images/prompt_samples_STEP.png). On Shapes the
         # canonical captions of the first `heldout_prompts` held-out combinations are used instead, and scored.
@@ -73,17 +62,7 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         batch_size=96))  # sampled images per device call
 
     if preset == "shapes":
-        # Held-out prompts, re-ranked, 2400 steps on the previous 1024-code tokens (README "Shapes results"): peak
-        # 2e-3 with 4 prefix tokens (the model preset) 42.4% all-attribute; 1 prefix token 34.7% (2e-3), 38.2%
-        # (3e-3), 34.0% (1e-3).
-        # On the tokens of a batch-16 VQGAN (94.3% agreement): 3000 steps 55.2%, 2400 steps 51.4%.
-        # On the current tokens, batch 64 x 3000 steps: 59.0%, position 75.3%. Batch 16 costs about the same per
-        # image on the 2 cores (29,611 vs 28,150 tokens/s, benchmarks/prior_speed.py), so about the same minutes buy
-        # 4x the updates, and position needs them: 13000 steps of batch 16 give 63.5%, position 84.0%. Token
-        # conditioning: 71.9%, shape 84.4%. Dropout 0.1 cost ~14% per step, so 11000 steps fitted the 10 minutes
-        # on that machine: 72.6%, shape 84.7%, position 86.5%; 13000 gave 77.8%, shape 87.8%. Rerun on another
-        # machine's tokens: 80.9%, shape 86.1%, position 94.1%; 9.0 min there once malloc kept freed memory (README
-        # "Shapes results").
+        # Batch 16 for many steps beat batch 64 at the same minutes (docs/experiments.md, Prior).
         config.optimizer.learning_rate = 2e-3
         config.train.update(steps=11000, batch_size=16, eval_batch_size=256, log_every=250, eval_every=2750,
                             checkpoint_every=2750)

@@ -1,26 +1,21 @@
-"""Stage 1: the VQGAN image tokenizer.
+"""Stage 1: the VQGAN image tokenizer (training/vqgan.py); its export is what the later stages load.
 
 Command:   python tools/train.py --config=configs/vqgan.py:PRESET --workdir=runs/vqgan
-           (the finished run exports its inference weights to runs/vqgan/export, which later stages load)
+           python tools/evaluate.py vqgan --vqgan=runs/vqgan --split=heldout
 Presets:
-  imagenet_f16_16384  the paper's tokenizer: 256 px, ch 128, ch_mult (1,1,2,2,4) = f16 (16x16 tokens), 2 res blocks,
-                      attention at 16, z 256, codebook 16384 x 256, LPIPS + hinge PatchGAN from step 250001 as
-                      taming's config. Hardware: 8+ accelerators for days (taming trained ~ 1M+ steps).
-                      Needs ImageNet as TFDS (array_record) in --config.data.data_dir and the LPIPS weights
-                      (`python -m clipgen_jax.models.lpips --fetch`).
-  coco_f16_16384      the same architecture on COCO images (TFDS `coco/2017`), as CLIP-GEN's COCO model.
-  shapes              the canonical Shapes world (S = 32): f4 (an 8x8 token grid), 256 l2-normalised 8-d codes with
-                      dead-code restarts, a convolutional encoder, L1 + L2 loss weighted towards the object plus an
-                      image-gradient loss (no LPIPS: at 32 px it costs 7x per CPU step), 6000 steps of batch 8,
-                      cosine decay from 1e-3. 2 CPU cores: 9.6 min (576 s) alone with compilation, 2 evaluations
-                      and export (2026-11-28), 14.0 min (842 s) on a slower machine; heldout PSNR 36.5 dB, codebook
-                      usage 100%, oracle agreement 92.2% (94.0% on the slower machine: README "Shapes results").
-                      Evaluate with `python tools/evaluate.py vqgan --vqgan=runs/vqgan`.
-  tiny                a few steps of a very small model on the `tiny` Shapes build, with the GAN on: for tests.
+  shapes              f4 (8 x 8 tokens), 256 l2-normalised 8-d codes; 6000 steps of batch 8. 2 CPU cores, 2026-11-28:
+                      9.6 min alone (576 s with compilation, 2 evaluations, export; 14.0 min on a slower machine).
+                      Held-out: PSNR 36.5 dB, codebook usage 100%, oracle agreement on all attributes 92.2%.
+  imagenet_f16_16384  the paper's tokenizer as taming's config (f16, 16384 codes, LPIPS + PatchGAN from step 250001);
+                      8+ accelerators for days, not trained in this project. Needs ImageNet as TFDS and the LPIPS
+                      weights (`python -m clipgen_jax.models.lpips --fetch`).
+  coco_f16_16384      the same architecture on COCO (TFDS `coco/2017`). Not trained here.
+  tiny                a few steps of a very small model with the GAN on; seconds on a CPU, for tests.
 """
 
 import ml_collections
 
+from clipgen_jax import optimizer
 from clipgen_jax.data import images
 from clipgen_jax.training import loop
 
@@ -59,8 +54,8 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         codebook_weight=1.0,
         disc_weight=0.0, disc_start=0, gan_loss="hinge", disc_adaptive_max=1e4, disc_ndf=64, disc_layers=3,
         lpips_weights=ml_collections.config_dict.placeholder(str)))  # None: the default weights location
-    config.optimizer = ml_collections.ConfigDict(dict(learning_rate=4e-4, disc_learning_rate=4e-4, b1=0.5, b2=0.9,
-                                                      schedule="constant", warmup_steps=0))
+    config.optimizer = optimizer.default_config(learning_rate=4e-4, schedule="constant", b1=0.5, b2=0.9)
+    config.optimizer.disc_learning_rate = 4e-4  # the discriminator's peak rate (same schedule and betas)
 
     if preset == "imagenet_f16_16384":
         _taming_f16(config)
@@ -72,23 +67,15 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         config.train.eval_split = "validation"
     elif preset == "shapes":
         config.data.update(source="shapes", name="s32", image_size=32)
-        # Sized for 2 CPU cores (~85 training images/s): one res block per level and 32 base channels; 8 norm groups
-        # (not taming's 32, which would normalise each of 32 channels alone) and 8-d codes, both better in probes.
+        # Sized for 2 CPU cores; 8 norm groups and 8-d codes measured better (docs/experiments.md, VQGAN).
         config.model.update(ch=32, num_res_blocks=1, norm_groups=8, code_dim=8)
-        # What the prior has to model: 256 codes instead of 1024 (with a convolutional encoder) raised the prior's
-        # re-ranked held-out all-attribute accuracy from 42% to 50-58% on the same prior recipe, at some cost in
-        # oracle agreement (README "Shapes results").
+        # 256 codes and a convolutional encoder: the prior models these tokens better (docs/experiments.md, VQGAN).
         config.model.update(codebook_size=256, encoder_attention=False)
-        # The object covers 2.5-8% of the pixels; weighting the loss towards it measured better on every attribute
-        # (held-out oracle agreement 52.8% vs 47.9%, PSNR 33.5 vs 31.5 dB). The oracle reads faint background noise
-        # as object coverage, so the background has to come back exact: a cosine decay to 0 (agreement 73.8% vs
-        # 51.3% on 480 fresh held-out renders) and the image-gradient loss, which counts a blurred edge in full
-        # (86.7%), get it most of the way (README "Shapes results").
+        # Loss towards the small object and its edges, no LPIPS (7x the CPU step at 32 px): docs/experiments.md, VQGAN.
         config.loss.update(foreground_weight=10.0, gradient_weight=1.0)
+        # A decay to 0 returns the background exact, which the oracle needs (docs/experiments.md, VQGAN).
         config.optimizer.update(learning_rate=1e-3, schedule="cosine", warmup_steps=100)
-        # Small batches, many steps: with the same images seen, batch 16 x 3400 steps took held-out agreement from
-        # 83.2% (batch 32 x 1700) to 94.3% and batch 8 x 6800 to 97.5% (README "Shapes results"); 6000 steps of
-        # batch 8 fit the 12 minutes. Each evaluation + checkpoint costs ~14 s of them: two.
+        # Small batches, many steps, at equal images seen (docs/experiments.md, VQGAN).
         config.train.update(steps=6000, batch_size=8, eval_batch_size=64, log_every=100, eval_every=3000,
                             checkpoint_every=3000)
     elif preset == "tiny":

@@ -39,8 +39,8 @@ def shapes_data_dir(tmp_path_factory) -> _pathlib.Path:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> _pathlib.Path:
     """A tiny random VQGAN bundle (`vqgan/`: 32 px, 16 x 16 tokens of 64 codes) and CLIP (`clip/`: 16-d), as
-    test_pipeline.tiny_models makes them."""
-    from test_pipeline import tiny_models
+    helpers.tiny_models makes them."""
+    from helpers import tiny_models
 
     root = tmp_path_factory.mktemp("models")
     tiny_models(root)

@@ -11,14 +11,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from test_pipeline import save_prior_bundle, tiny_models
 
 from clipgen_jax import pipeline
 from clipgen_jax.data import shapes
 
+from helpers import PROMPTS, check_two_prompts_two_kept, save_prior_bundle, tiny_models
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOL = str(REPO_ROOT / "tools" / "generate.py")
-PROMPTS = ["a small red circle in the top left on a black background", "a large blue square in the center"]
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +30,6 @@ def bundle(tmp_path_factory):
 
 def _run(*args, cwd=REPO_ROOT):
     return subprocess.run([sys.executable, TOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def check_two_prompts_two_kept(out: pathlib.Path) -> list[dict]:
-    """The docs/SHAPES.md layout for PROMPTS with keep=2 and seed 3; returns samples.json's records."""
-    assert sorted(p.name for p in out.iterdir()) == ["0000_00.png", "0000_01.png", "0001_00.png", "0001_01.png",
-                                                     "grid.png", "samples.json"]
-    records = json.loads((out / "samples.json").read_text())
-    assert [(r["prompt_index"], r["rank"], r["prompt"], r["seed"], r["file"]) for r in records] == [
-        (0, 0, PROMPTS[0], 3, "0000_00.png"), (0, 1, PROMPTS[0], 3, "0000_01.png"),
-        (1, 0, PROMPTS[1], 3, "0001_00.png"), (1, 1, PROMPTS[1], 3, "0001_01.png")]
-    return records
 
 
 def test_prompts_file_gives_the_shapes_layout(bundle, tmp_path):

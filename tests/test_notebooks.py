@@ -9,7 +9,7 @@ import tarfile
 
 import nbformat
 import pytest
-from test_pipeline import save_prior_bundle, tiny_models
+from helpers import save_prior_bundle, tiny_models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"

@@ -1,73 +1,22 @@
 """The generation pipeline: loading a prior bundle with its VQGAN and CLIP, generating and re-ranking, refusing a
-VQGAN the prior was not trained with, prompt checks, prompts files and the output layout.
-
-`tiny_models` and `save_prior_bundle` are also used by test_generate_tool.py and training/test_prior_stage.py."""
+VQGAN the prior was not trained with, prompt checks, prompts files and the output layout."""
 
 import dataclasses
 import json
-import pathlib
 import shlex
 import shutil
 
-import jax
 import numpy as np
 import pytest
 import transformers
 from PIL import Image
 
-from clipgen_jax import checkpointing, pipeline, training
-from clipgen_jax.data import precomputed
+from clipgen_jax import checkpointing, pipeline
 from clipgen_jax.evaluation import generation
-from clipgen_jax.models import clip, clip_tokenizer, vqgan
-from clipgen_jax.models import prior as prior_lib
+from clipgen_jax.models import clip, clip_tokenizer
 
-CONTEXT_LENGTH = 16
-
-
-def _small_clip_config() -> transformers.CLIPConfig:
-    return transformers.CLIPConfig(
-        text_config=dict(vocab_size=clip_tokenizer.VOCAB_SIZE, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=CONTEXT_LENGTH,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=16)
-
-
-def save_vqgan(path: pathlib.Path, seed: int) -> pathlib.Path:
-    """The tiny VQGAN preset (32 px, 16 x 16 tokens of 64 codes), random weights from `seed`, as a bundle."""
-    model_config = training.load_config("configs/vqgan.py:tiny").model.to_dict()
-    params = vqgan.init_params(vqgan.from_config(model_config), jax.random.PRNGKey(seed))
-    return checkpointing.save_bundle(path, params, {"kind": "vqgan", "model": model_config})
-
-
-def tiny_models(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """A tiny random VQGAN bundle and a tiny random CLIP directory (16-d embeddings, 16-token context)."""
-    save_vqgan(root / "vqgan", seed=0)
-    model = transformers.FlaxCLIPModel(_small_clip_config(), seed=0)
-    clip.export(model, model.params, clip_tokenizer.openai_tokenizer(CONTEXT_LENGTH), clip.Preprocessing(32, 32),
-                root / "clip")
-    return root / "vqgan", root / "clip"
-
-
-def tiny_prior_config(vqgan_path, clip_path):
-    config = training.load_config("configs/prior.py:tiny")
-    config.vqgan, config.clip = str(vqgan_path), str(clip_path)
-    return config
-
-
-def save_prior_bundle(path: pathlib.Path, vqgan_path, clip_path, seed: int = 0, **cond) -> pathlib.Path:
-    """A random-weight tiny prior exported like a finished run, with the identities of the two models."""
-    config = tiny_prior_config(vqgan_path, clip_path)
-    config.cond.update(cond)
-    model = prior_lib.from_config(config.model)
-    params = prior_lib.init_params(model, jax.random.PRNGKey(seed))
-    vqgan_model, vqgan_params, vqgan_metadata = checkpointing.load_vqgan(vqgan_path)
-    identities = {"vqgan": precomputed.vqgan_identity(vqgan_path, vqgan_params, vqgan_metadata["model"]),
-                  "clip": precomputed.clip_identity(clip.load(clip_path))}
-    metadata = pipeline.prior_metadata(config.to_dict(), vqgan_path=vqgan_path, step=0, identities=identities,
-                                       bundle_dir=path)
-    return checkpointing.save_bundle(path, params, metadata)
+from helpers import (CONTEXT_LENGTH, PROMPTS, check_ranked_generation, save_prior_bundle, save_vqgan,
+                     small_clip_config, tiny_models)
 
 
 @pytest.fixture(scope="module")
@@ -80,28 +29,6 @@ def bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipe(bundle):
     return pipeline.Pipeline.load(bundle)
-
-
-PROMPTS = ["a small red circle in the top left on a black background", "a large blue square in the center"]
-
-
-def check_ranked_generation(generate, clip_model, atol: float):
-    """The generate contract shared by Pipeline and VQGANCLIP, on PROMPTS with 3 candidates: `generate(keep, seed)`
-    returns uint8 images and float32 scores, best first; keep=2 is the first two of the same three candidates; the
-    scores are the CLIP similarity of each returned uint8 image and its prompt; the candidates differ. Returns
-    (images kept 2, scores kept 2, all images, all scores) of seed 0."""
-    all_images, all_scores = generate(keep=3, seed=0)
-    images, scores = generate(keep=2, seed=0)
-    assert images.shape == (2, 2, 32, 32, 3) and images.dtype == np.uint8
-    assert scores.shape == (2, 2) and scores.dtype == np.float32
-    assert np.all(np.diff(all_scores, axis=1) <= 0)  # best first
-    np.testing.assert_array_equal(images, all_images[:, :2])
-    np.testing.assert_array_equal(scores, all_scores[:, :2])
-    image_emb = clip_model.embed_images(all_images.reshape(-1, 32, 32, 3).astype(np.float32) / 127.5 - 1.0)
-    expected = np.einsum("pkd,pd->pk", image_emb.reshape(2, 3, -1), clip_model.embed_texts(PROMPTS))
-    np.testing.assert_allclose(all_scores, expected, atol=atol)
-    assert len({image.tobytes() for image in all_images.reshape(-1, 32, 32, 3)}) == 6  # distinct candidates
-    return images, scores, all_images, all_scores
 
 
 def test_generate_returns_the_best_candidates_ranked_by_clip_similarity(pipe):
@@ -155,8 +82,6 @@ def test_a_candidates_image_depends_on_seed_prompt_and_candidate_index_only(pipe
     best_of_two, _ = pipe.generate(PROMPTS, num_candidates=2, keep=1, seed=5)
     assert _found_in(repeated[[0, 2]], best_of_two[:, 0]).all() and _found_in(repeated[1:2], whole[0]).all()
     assert not _found_in(repeated[1:2], best_of_two[:, 0]).any()
-    second_alone = generation.pipeline_method(pipe, prompt_indices=[1])([PROMPTS[1]], 2, 5)
-    assert _found_in(second_alone, best_of_two[1]).all()
 
 
 def test_guidance_is_refused_without_a_trained_null_embedding(pipe):
@@ -199,7 +124,7 @@ def test_a_vqgan_or_clip_the_prior_was_not_trained_with_is_refused(bundle, tmp_p
                                                           r"but the VQGAN .*other_vqgan has weights"):
         pipeline.Pipeline.load(bundle, vqgan=other)
     other_clip = tmp_path / "other_clip"
-    model = transformers.FlaxCLIPModel(_small_clip_config(), seed=1)
+    model = transformers.FlaxCLIPModel(small_clip_config(), seed=1)
     clip.export(model, model.params, clip_tokenizer.openai_tokenizer(CONTEXT_LENGTH), clip.Preprocessing(32, 32),
                 other_clip)
     with pytest.raises(pipeline.ModelMismatchError, match="pass --clip with the CLIP the prior was trained with"):

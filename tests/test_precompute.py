@@ -10,14 +10,13 @@ import sys
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from array_record.python import array_record_module
 from PIL import Image
 
 from clipgen_jax import checkpointing, precompute, training
 from clipgen_jax.data import images, precomputed
 from clipgen_jax.models import clip
 
-from test_pipeline import tiny_models  # tests/ is on sys.path, as for training/test_prior_stage.py
+from helpers import assert_same_dataset, dataset_files, dataset_records, tiny_models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,30 +43,6 @@ def reference(models, shapes_data_dir, tmp_path_factory):
     """An uninterrupted single-process run of the tiny preset: (config, dataset directory)."""
     config = _config(models, shapes_data_dir, tmp_path_factory.mktemp("reference"))
     return config, precompute.precompute(config)
-
-
-def _files(directory: pathlib.Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
-
-
-def _records(path: pathlib.Path) -> list[bytes]:
-    reader = array_record_module.ArrayRecordReader(str(path))
-    try:
-        return list(reader.read_all())
-    finally:
-        reader.close()
-
-
-def assert_same_dataset(directory: pathlib.Path, expected: pathlib.Path) -> None:
-    """Every record of every shard, and every file (shards, plan, metadata, TFDS info), equal byte for byte."""
-    files, expected_files = _files(directory), _files(expected)
-    assert sorted(files) == sorted(expected_files)
-    shards = [name for name in files if ".array_record-" in name]
-    assert len(shards) == 7  # validation 128 / 40 -> 4 shards, heldout 96 / 40 -> 3
-    for name in shards:
-        assert _records(directory / name) == _records(expected / name)
-    for name in files:
-        assert files[name] == expected_files[name], name
 
 
 def test_writes_a_tfds_dataset_of_tokens_embeddings_captions_and_labels(reference, models, shapes_data_dir):
@@ -242,9 +217,10 @@ def test_folder_with_views_captions_and_a_corrupt_image(models, tmp_path):
     again = config.copy_and_resolve_references()
     again.output.data_dir = str(tmp_path / "again")
     precompute.precompute(again)
-    for name in _files(directory):
+    again_directory = precomputed.dataset_dir(tmp_path / "again", "tiny")
+    for name in dataset_files(directory):
         if ".array_record-" in name:
-            assert _records(directory / name) == _records(precomputed.dataset_dir(tmp_path / "again", "tiny") / name)
+            assert dataset_records(directory / name) == dataset_records(again_directory / name)
 
 
 @pytest.mark.parametrize("change, message", [

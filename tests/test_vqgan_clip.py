@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from test_generate_tool import PROMPTS, check_two_prompts_two_kept
-from test_pipeline import check_ranked_generation, tiny_models
 
 from clipgen_jax import pipeline, vqgan_clip
+
+from helpers import PROMPTS, check_ranked_generation, check_two_prompts_two_kept, tiny_models
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOL = str(REPO_ROOT / "tools" / "generate.py")

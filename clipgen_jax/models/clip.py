@@ -22,7 +22,7 @@ import numpy as np
 import safetensors.numpy
 import transformers
 
-from clipgen_jax import checkpointing, parallel
+from clipgen_jax import checkpointing, numerics, parallel
 from clipgen_jax.models import clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -122,11 +122,6 @@ def pil_bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def _normalise(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 @dataclasses.dataclass
 class CLIP:
     """A loaded CLIP: the Flax module, its params, the tokenizer and the image preprocessing."""
@@ -154,10 +149,11 @@ class CLIP:
     def image_features(self, params: Any, images_BHWC: jax.Array, *, round_to_uint8: bool = True) -> jax.Array:
         """[-1, 1] images of any size -> L2-normalised image embeddings [B, D] (float32)."""
         pixels_BCHW = self.preprocessing(images_BHWC, round_to_uint8=round_to_uint8)
-        return _normalise(self.model.get_image_features(pixels_BCHW, params=params))
+        return numerics.l2_normalise(self.model.get_image_features(pixels_BCHW, params=params).astype(jnp.float32))
 
     def text_features(self, params: Any, input_ids_BL: jax.Array, attention_mask_BL: jax.Array) -> jax.Array:
-        return _normalise(self.model.get_text_features(input_ids_BL, attention_mask_BL, params=params))
+        features_BD = self.model.get_text_features(input_ids_BL, attention_mask_BL, params=params)
+        return numerics.l2_normalise(features_BD.astype(jnp.float32))
 
     # Batched host-side entry points.
 

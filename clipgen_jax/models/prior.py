@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clipgen_jax import numerics
+
 LAYER_NORM_EPSILON = 1e-5  # GPT-2's
 INIT_STDDEV = 0.02  # GPT-2's; residual projections are scaled by 1 / sqrt(2 * depth) on top
 
@@ -35,6 +37,7 @@ CONFIG_FIELDS = ("vocab_size", "num_tokens", "cond_dim", "width", "depth", "num_
                  "num_prefix_tokens", "token_conditioning", "dropout_rate", "scan_layers", "remat", "head_bias",
                  "exact_gelu", "inner_dropout")
 
+# Architecture sizes; configs/prior.py holds the training recipes (and the Shapes prior's model).
 PRESETS = {
     # CLIP-GEN's prior (GPT-2 medium) over a 16x16 grid of a 16384-code VQGAN, conditioned on ViT-B/32's 512-d space.
     "gpt2_medium": dict(vocab_size=16384, num_tokens=256, cond_dim=512, width=1024, depth=24, num_heads=16,
@@ -43,16 +46,6 @@ PRESETS = {
     "gpt2_large": dict(vocab_size=16384, num_tokens=256, cond_dim=512, width=1280, depth=36, num_heads=20,
                        mlp_ratio=4, num_prefix_tokens=1, token_conditioning=False, dropout_rate=0.0,
                        scan_layers=False, remat=False, head_bias=False, exact_gelu=False, inner_dropout=False),
-    # The Shapes VQGAN's 8x8 grid of 256 codes and the Shapes CLIP's 128-d space, sized for a 2-core CPU: the
-    # configs/prior.py:shapes run of 11000 steps of batch 16 trains in 9.0-9.4 min alone on 2 cores with its
-    # evaluations (README "Shapes results"; benchmarks/prior_speed.py). Depth 4 cost about 1.5x per
-    # step (beside another run); at batch 8 for the 18000 steps that fit, it placed objects worse (an exploratory
-    # run). Re-ranked all-attribute accuracy on held-out prompts: 4 prefix tokens 42.4% vs 1 prefix token 34.7% (on
-    # the previous 1024-code tokens); token conditioning 71.9% vs 63.5% without, shape 84.4% vs 77.8%; dropout 0.1
-    # then lifts every attribute (README "Shapes results").
-    "shapes": dict(vocab_size=256, num_tokens=64, cond_dim=128, width=128, depth=3, num_heads=4,
-                   mlp_ratio=4, num_prefix_tokens=4, token_conditioning=True, dropout_rate=0.1,
-                   scan_layers=False, remat=False, head_bias=False, exact_gelu=False, inner_dropout=False),
 }
 
 
@@ -233,8 +226,7 @@ class Prior(nn.Module):
     def _embed_condition(self, cond_BD, use_null_B):
         """-> the prefix tokens [B, P, W], and the condition added to every image token [B, W] (zeros without
         token_conditioning)."""
-        cond_BD = cond_BD.astype(jnp.float32)
-        cond_BD = cond_BD / jnp.maximum(jnp.linalg.norm(cond_BD, axis=-1, keepdims=True), 1e-12)
+        cond_BD = numerics.l2_normalise(cond_BD.astype(jnp.float32))
         if use_null_B is not None:
             cond_BD = jnp.where(use_null_B[:, None], self.null_embedding.astype(jnp.float32)[None], cond_BD)
         prefix_BPW = self.prefix(cond_BD).reshape(cond_BD.shape[0], self.num_prefix_tokens, self.width)

@@ -22,6 +22,7 @@ SEARCH_CHUNK_ROWS = 4096
 
 
 def _l2_normalize(x: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
+    # Not numerics.l2_normalise: VQGAN training and encoding have used this rsqrt form; the other differs in last bits.
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis, keepdims=True), 1e-12))
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from clipgen_jax import parallel
+from clipgen_jax import optimizer, parallel
 from clipgen_jax.evaluation import image_metrics
 from clipgen_jax.models import autoencoder
 from clipgen_jax.training import loop
@@ -22,10 +22,7 @@ class AutoencoderStage:
         self.model = autoencoder.ConvAutoencoder(
             widths=tuple(config.model.widths), latent_channels=config.model.latent_channels,
             dtype=parallel.compute_dtype(config.train.compute_dtype), param_dtype=jnp.float32)
-        self.optimizer = optax.chain(
-            optax.clip_by_global_norm(config.optimizer.grad_clip_norm),
-            optax.adam(optax.warmup_cosine_decay_schedule(
-                0.0, config.optimizer.learning_rate, config.optimizer.warmup_steps, config.train.steps)))
+        self.optimizer, _ = optimizer.make(config.optimizer, config.train.steps)
 
     def init_state(self, rng: jax.Array) -> loop.TrainState:
         init_rng, state_rng = jax.random.split(rng)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import transformers
 
-from clipgen_jax import parallel
+from clipgen_jax import optimizer, parallel
 from clipgen_jax.data import captions, images
 from clipgen_jax.evaluation import clip_scores
 from clipgen_jax.models import clip as clip_lib
@@ -106,12 +106,7 @@ class ClipStage:
             preprocessing = clip_lib.Preprocessing(shortest_edge=m.image_size, crop_size=m.image_size)
         self.clip = clip_lib.CLIP(model=model, params=self.pretrained, tokenizer=tokenizer,
                                   preprocessing=preprocessing, name="training")
-        o = config.optimizer
-        self.schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps, config.train.steps,
-                                                           o.learning_rate * o.final_lr_fraction)
-        self.optimizer = optax.chain(
-            optax.clip_by_global_norm(o.grad_clip_norm),
-            optax.adamw(self.schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=_decay_mask))
+        self.optimizer, self.schedule = optimizer.make(config.optimizer, config.train.steps, decay_mask=_decay_mask)
 
     # -- what the loop calls ---------------------------------------------------------------------------------------
 

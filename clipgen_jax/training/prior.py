@@ -25,7 +25,7 @@ import ml_collections
 import optax
 from PIL import Image
 
-from clipgen_jax import checkpointing, parallel, pipeline
+from clipgen_jax import checkpointing, numerics, optimizer, parallel, pipeline
 from clipgen_jax.data import precomputed, shapes
 from clipgen_jax.models import clip as clip_lib
 from clipgen_jax.models import prior as prior_lib
@@ -37,11 +37,6 @@ logger = logging.getLogger(__name__)
 COND_SOURCES = {"image": precomputed.IMAGE_EMBEDDING, "text": precomputed.TEXT_EMBEDDING}
 
 
-def _normalise(x_BD: jax.Array) -> jax.Array:
-    x_BD = x_BD.astype(jnp.float32)
-    return x_BD / jnp.maximum(jnp.linalg.norm(x_BD, axis=-1, keepdims=True), 1e-12)
-
-
 def condition(embedding_BD: jax.Array, rng: jax.Array, *, noise: float, dropout: float
               ) -> tuple[jax.Array, jax.Array]:
     """Training-time conditioning -> (cond [B, D] float32, use_null [B] bool).
@@ -51,9 +46,10 @@ def condition(embedding_BD: jax.Array, rng: jax.Array, *, noise: float, dropout:
     row uses the prior's learned null embedding with probability p (what classifier-free guidance samples against).
     """
     noise_rng, dropout_rng = jax.random.split(rng)
-    cond_BD = _normalise(embedding_BD)
+    cond_BD = numerics.l2_normalise(embedding_BD.astype(jnp.float32))
     if noise > 0:
-        cond_BD = _normalise(cond_BD + noise * _normalise(jax.random.normal(noise_rng, cond_BD.shape, jnp.float32)))
+        gaussian_BD = jax.random.normal(noise_rng, cond_BD.shape, jnp.float32)
+        cond_BD = numerics.l2_normalise(cond_BD + noise * numerics.l2_normalise(gaussian_BD))
     if dropout > 0:
         use_null_B = jax.random.bernoulli(dropout_rng, dropout, cond_BD.shape[:1])
     else:
@@ -66,17 +62,6 @@ def decay_mask(params):
     Decided by the leaf's name, not its rank, because scanned layers stack biases into matrices."""
     return jax.tree_util.tree_map_with_path(lambda path, _: str(getattr(path[-1], "key", path[-1])) == "kernel",
                                             params)
-
-
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW(b1, b2) after global-norm clipping, on a linear warmup + cosine decay to final_lr_fraction."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, opt.warmup_steps, total_steps,
-                                                  opt.learning_rate * opt.final_lr_fraction)
-    transform = optax.chain(
-        optax.clip_by_global_norm(opt.grad_clip_norm),
-        optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask))
-    return transform, schedule
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -173,7 +158,7 @@ class PriorSteps:
             check_params_fit(self.init_from_params,
                              jax.eval_shape(lambda: prior_lib.init_params(self.model, jax.random.PRNGKey(0))),
                              f"init_from {config.init_from}")
-        self.optimizer, self.schedule = make_optimizer(config.optimizer, config.train.steps)
+        self.optimizer, self.schedule = optimizer.make(config.optimizer, config.train.steps, decay_mask=decay_mask)
         self.cond_key = COND_SOURCES[config.cond.source]
 
     def reconstruction_loss(self, logits_BLV: jax.Array, target_BD: jax.Array, weight_B: jax.Array) -> jax.Array:
@@ -193,7 +178,7 @@ class PriorSteps:
         cfg = self.config.cond
         tokens_BL = batch[precomputed.TOKENS].astype(jnp.int32)
         cond_rng, dropout_rng = jax.random.split(rng)
-        target_BD = _normalise(batch[self.cond_key])
+        target_BD = numerics.l2_normalise(batch[self.cond_key].astype(jnp.float32))
         if train:
             cond_BD, use_null_B = condition(target_BD, cond_rng, noise=cfg.noise, dropout=cfg.dropout)
         else:  # evaluation conditions on the clean embedding, as sampling does
@@ -312,9 +297,8 @@ class PriorStage(PriorSteps):
         return jnp.sum(distance_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1.0)
 
     def host_eval(self, state: loop.TrainState) -> dict[str, float]:
-        """Samples the evaluation prompts (their text embeddings; 1 sample each, no re-ranking, a fixed seed; prompt
-        index = position, on Shapes the held-out combination's index, as in tools/evaluate.py) into a grid PNG in
-        workdir/images; on Shapes returns the oracle's per-attribute and all-attribute accuracies."""
+        """Samples the evaluation prompts (their text embeddings; 1 sample each, no re-ranking, a fixed seed) into a
+        grid PNG in workdir/images; on Shapes returns the oracle's per-attribute and all-attribute accuracies."""
         if not self.eval_prompts:
             return {}
         # Host copies: sampling then runs where the frozen VQGAN's params live (one device of this process), not on

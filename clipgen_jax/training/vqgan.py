@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from clipgen_jax import checkpointing, parallel
+from clipgen_jax import checkpointing, optimizer, parallel
 from clipgen_jax.evaluation import image_metrics
 from clipgen_jax.models import discriminator as discriminator_lib
 from clipgen_jax.models import lpips, quantizers, vqgan
@@ -70,15 +70,6 @@ def foreground_weights(images_BHWC: jax.Array, strength: float) -> jax.Array:
     return jax.lax.stop_gradient(1.0 + strength * dilated_BHW1)
 
 
-def _schedule(peak: float, opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """'constant' (taming) or 'cosine': linear warmup to `peak`, cosine decay to 0 at the last step."""
-    if opt.schedule == "constant":
-        return optax.constant_schedule(peak)
-    if opt.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, opt.warmup_steps, total_steps)
-    raise ValueError(f"optimizer.schedule={opt.schedule!r} is not 'constant' or 'cosine'")
-
-
 class VQGANStage:
 
     def __init__(self, config: ml_collections.ConfigDict):
@@ -92,10 +83,9 @@ class VQGANStage:
             self.lpips_params = lpips.load_params(loss.lpips_weights)  # a clear error names the fetch command
         self.discriminator = discriminator_lib.NLayerDiscriminator(
             ndf=loss.disc_ndf, n_layers=loss.disc_layers, dtype=self.model.dtype, param_dtype=jnp.float32)
-        opt = config.optimizer
-        self.optimizer = optax.adam(_schedule(opt.learning_rate, opt, config.train.steps), b1=opt.b1, b2=opt.b2)
-        self.disc_optimizer = optax.adam(_schedule(opt.disc_learning_rate, opt, config.train.steps), b1=opt.b1,
-                                         b2=opt.b2)
+        self.optimizer, _ = optimizer.make(config.optimizer, config.train.steps)
+        self.disc_optimizer, _ = optimizer.make(config.optimizer, config.train.steps,
+                                                peak=config.optimizer.disc_learning_rate)
 
     # ---------------------------------------------------------------------------------------------------------------
     def init_state(self, rng: jax.Array) -> VQGANState:

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from clipgen_jax import checkpointing, precompute, training
 from clipgen_jax.data import precomputed
 from clipgen_jax.models import clip
-from test_pipeline import tiny_models  # tests/ is on sys.path, as for training/test_prior_stage.py
+from helpers import tiny_models
 
 NAME = "tiny"
 

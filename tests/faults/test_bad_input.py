@@ -82,7 +82,7 @@ def test_generate_refuses_absurd_sampling_settings_before_loading_a_model(flag, 
 
 @pytest.fixture(scope="module")
 def pipe(models_dir, tmp_path_factory):
-    from test_pipeline import save_prior_bundle
+    from helpers import save_prior_bundle
 
     bundle = save_prior_bundle(tmp_path_factory.mktemp("prior") / "prior", models_dir / "vqgan", models_dir / "clip")
     return pipeline.Pipeline.load(bundle)

@@ -13,7 +13,7 @@ import re
 import signal
 
 import pytest
-from test_precompute import assert_same_dataset
+from helpers import assert_same_dataset
 
 from clipgen_jax import checkpointing, precompute, training
 from clipgen_jax.data import precomputed

@@ -178,14 +178,15 @@ def test_presets_and_from_config():
     assert 330e6 < count < 345e6  # GPT-2 medium's 24 x 12.6M block weights, plus a 16384-token embedding and head
     large = prior.from_config(prior.PRESETS["gpt2_large"])
     assert (large.depth, large.width, large.num_heads) == (36, 1280, 20)
-    shapes_preset = prior.from_config(prior.PRESETS["shapes"])
+    shapes_model = training.load_config("configs/prior.py:shapes").model.to_dict()
+    shapes_preset = prior.from_config(shapes_model)
     # The tokens the shapes prior models: the shapes VQGAN preset's grid and codebook.
     shapes_vqgan = vqgan.from_config(training.load_config("configs/vqgan.py:shapes").model)
     grid_side = shapes_vqgan.resolution // shapes_vqgan.downsample_factor
     assert (shapes_preset.vocab_size, shapes_preset.num_tokens, shapes_preset.cond_dim) == (
         shapes_vqgan.codebook_size, grid_side ** 2, 128)
     with pytest.raises(ValueError, match="unknown prior model fields"):
-        prior.from_config({**prior.PRESETS["shapes"], "n_layer": 3})
+        prior.from_config({**shapes_model, "n_layer": 3})
 
 
 def test_training_flops_per_token_formula():
@@ -199,7 +200,7 @@ def test_training_flops_per_token_formula():
 
 
 def test_training_flops_agree_with_xla_count():
-    model = prior.from_config(prior.PRESETS["shapes"])
+    model = prior.from_config(training.load_config("configs/prior.py:shapes").model)
     params = jax.eval_shape(lambda: prior.init_params(model, jax.random.PRNGKey(0)))
     cond_BD = jax.ShapeDtypeStruct((4, model.cond_dim), jnp.float32)
     tokens_BL = jax.ShapeDtypeStruct((4, model.num_tokens), jnp.int32)

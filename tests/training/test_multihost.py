@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_train_tool import checkpointed_state
+from helpers import checkpointed_state
 
 from jax.sharding import PartitionSpec as P
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_pipeline import save_vqgan, tiny_prior_config
+from helpers import save_vqgan, tiny_prior_config
 
 from clipgen_jax import checkpointing, pipeline, training
 from clipgen_jax.data import precomputed
@@ -75,15 +75,6 @@ def test_decay_mask_covers_matrices_only_also_when_layers_are_scanned():
         assert any("head" in name for name in decayed) and any("qkv" in name for name in decayed)
         assert {"['null_embedding']", "['position_embedding']", "['token_embedding']['embedding']"} <= kept
         assert all(name.endswith(("['bias']", "['scale']", "embedding']")) for name in kept)
-
-
-def test_schedule_warms_up_then_decays_to_the_final_fraction(dataset):
-    config = _config(dataset)
-    config.optimizer.update(learning_rate=1e-3, warmup_steps=10, final_lr_fraction=0.1)
-    _, schedule = prior_training.make_optimizer(config.optimizer, total_steps=100)
-    assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(1e-3)
-    assert float(schedule(55)) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-4)
-    assert float(schedule(100)) == pytest.approx(1e-4)
 
 
 def test_text_mode_conditions_on_the_caption_embeddings(dataset):
@@ -232,6 +223,7 @@ def test_presets_name_their_data_models_and_a_known_model():
     shapes_config = training.load_config("configs/prior.py:shapes")
     assert (shapes_config.data.data_dir, shapes_config.data.name) == ("runs/precomputed", "shapes_s32")
     assert (shapes_config.vqgan, shapes_config.clip) == ("runs/vqgan", "shapes-clip")
-    assert shapes_config.model.to_dict() == prior_lib.PRESETS["shapes"]
+    for preset in prior_lib.PRESETS:
+        assert training.load_config(f"configs/prior.py:{preset}").model.to_dict() == prior_lib.PRESETS[preset]
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         training.load_config("configs/prior.py:huge")

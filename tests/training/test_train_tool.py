@@ -12,8 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from clipgen_jax import checkpointing, parallel, training
+from clipgen_jax import checkpointing, training
 from clipgen_jax.training import autoencoder
+
+import helpers
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -32,21 +34,9 @@ def run_train(workdir, data_dir, env=None, **overrides):
     return result
 
 
-def checkpointed_state(workdir, step, stage):
-    """`stage`'s train state saved in `workdir` at `step`."""
-    abstract = jax.eval_shape(stage.init_state, jax.random.PRNGKey(0))
-    # Restored onto this process's single device, whatever topology wrote the checkpoint.
-    abstract = checkpointing.abstract_with_shardings(abstract, parallel.state_shardings(abstract, parallel.make_mesh()))
-    checkpointer = checkpointing.Checkpointer(workdir / "checkpoints")
-    try:
-        return checkpointer.restore(step, abstract)[0]
-    finally:
-        checkpointer.close()
-
-
 def final_params(workdir, steps):
     stage = autoencoder.AutoencoderStage(training.load_config("configs/autoencoder.py:tiny"))
-    return [np.asarray(x) for x in jax.tree.leaves(checkpointed_state(workdir, steps, stage).params)]
+    return [np.asarray(x) for x in jax.tree.leaves(helpers.checkpointed_state(workdir, steps, stage).params)]
 
 
 LONG_RUN = dict(steps=300, checkpoint_every=20, log_every=10, eval_every=0)
