@@ -2,7 +2,8 @@
 
 import setuptools
 
-# Ranges verified together on Python 3.11 (CPU). transformers 5.x removed every Flax model, hence the upper pin;
+# Loose ranges for installing into an environment of your own; constraints/cpu.txt records one set of versions
+# verified together (what `make install` uses). transformers 5.x removed every Flax model, hence the upper pin;
 # its `[flax]` extra pins jax 0.4 and must not be used. TensorFlow is never required (array_record + grain).
 INSTALL_REQUIRES = [
     "jax>=0.8.0",
@@ -43,7 +44,7 @@ setuptools.setup(
     name="clipgen_jax",
     version="0.1.0",
     description=__doc__,
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax >= 0.8 and flax >= 0.12 need it
     packages=setuptools.find_packages(include=["clipgen_jax", "clipgen_jax.*"]),
     # OpenAI's CLIP BPE vocabulary and the shipped Shapes CLIPs (see clipgen_jax/assets/).
     package_data={"clipgen_jax": ["assets/clip_bpe/*", "assets/clip/*", "assets/clip/*/*"]},
