@@ -82,6 +82,8 @@ def test_a_candidates_image_depends_on_seed_prompt_and_candidate_index_only(pipe
     best_of_two, _ = pipe.generate(PROMPTS, num_candidates=2, keep=1, seed=5)
     assert _found_in(repeated[[0, 2]], best_of_two[:, 0]).all() and _found_in(repeated[1:2], whole[0]).all()
     assert not _found_in(repeated[1:2], best_of_two[:, 0]).any()
+    second_alone = generation.pipeline_method(pipe, prompt_indices=[1])([PROMPTS[1]], 2, 5)
+    assert _found_in(second_alone, best_of_two[1]).all()
 
 
 def test_guidance_is_refused_without_a_trained_null_embedding(pipe):

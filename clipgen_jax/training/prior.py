@@ -297,8 +297,9 @@ class PriorStage(PriorSteps):
         return jnp.sum(distance_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1.0)
 
     def host_eval(self, state: loop.TrainState) -> dict[str, float]:
-        """Samples the evaluation prompts (their text embeddings; 1 sample each, no re-ranking, a fixed seed) into a
-        grid PNG in workdir/images; on Shapes returns the oracle's per-attribute and all-attribute accuracies."""
+        """Samples the evaluation prompts (their text embeddings; 1 sample each, no re-ranking, a fixed seed; prompt
+        index = position, on Shapes the held-out combination's index, as in tools/evaluate.py) into a grid PNG in
+        workdir/images; on Shapes returns the oracle's per-attribute and all-attribute accuracies."""
         if not self.eval_prompts:
             return {}
         # Host copies: sampling then runs where the frozen VQGAN's params live (one device of this process), not on
