@@ -15,14 +15,13 @@ import os
 import pathlib
 from typing import Any, Sequence
 
-import importlib_resources
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 import transformers
 
-from clipgen_jax import checkpointing, numerics, parallel
+from clipgen_jax import checkpointing, numerics, packaged, parallel
 from clipgen_jax.models import clip_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -216,7 +215,7 @@ def _batched(fn, arrays: list[np.ndarray], batch_size: int) -> np.ndarray:
 
 
 def packaged_path(name: str) -> pathlib.Path:
-    return pathlib.Path(str(importlib_resources.files("clipgen_jax").joinpath(PACKAGED[name])))
+    return packaged.path(PACKAGED[name])
 
 
 def resolve(name_or_path: str | os.PathLike[str]) -> tuple[str, bool]:
