@@ -179,11 +179,14 @@ def test_restricted_reader_refuses_a_planted_os_system(tmp_path, malicious_pickl
     assert not marker.exists()
 
 
-@pytest.mark.slow  # three tool runs, each starting JAX
-def test_cli_converts_and_reports_errors_on_one_line(tmp_path):
+@pytest.mark.slow  # four tool runs, each starting JAX
+def test_cli_converts_reports_errors_on_one_line_and_generate_reads_the_result(models_dir, tmp_path):
+    def run(tool: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO_ROOT / "tools" / tool), *args], capture_output=True,
+                              text=True, cwd=REPO_ROOT, timeout=300)
+
     def convert_clipgen(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "convert_clipgen.py"), *args],
-                              capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+        return run("convert_clipgen.py", *args)
 
     vqgan_ckpt, gpt_ckpt, _ = official_files("single_attention")
     legacy = tmp_path / "legacy.pt"
@@ -205,6 +208,10 @@ def test_cli_converts_and_reports_errors_on_one_line(tmp_path):
     converted = convert_clipgen("--vqgan", str(vqgan_ckpt), "--gpt", str(gpt_ckpt), "--out", str(out), "--heads", "4")
     assert converted.returncode == 0, converted.stderr
     assert json.loads((out / "metadata.json").read_text())["kind"] == "prior" and checkpointing.is_bundle(out / "vqgan")
+    generated = run("generate.py", "--prior", str(out), "--clip", str(models_dir / "clip"), "--text", "a red circle",
+                    "--num_candidates", "2", "--batch_size", "2", "--out", str(tmp_path / "generated"))
+    assert generated.returncode == 0, generated.stderr
+    assert "unverified" in generated.stderr and (tmp_path / "generated" / "samples.json").is_file()
 
 
 def test_inner_dropout_adds_the_attention_and_mlp_dropouts_of_the_official_blocks():
@@ -257,8 +264,8 @@ def test_fine_tuning_starts_from_the_converted_prior_at_the_official_loss(scan_l
 
     wider = prior.from_config({**config.model, "width": 48})
     with pytest.raises(ValueError, match=r"^init_from X does not fit the model: parameter \['blocks(_0)?'\]"
-                                         r"\['attention_norm'\]\['bias'\] is \((1, 24|24,)\) there and \((1, 48|48,)\) in "
-                                         r"the model; start from a prior of this architecture$"):
+                                         r"\['attention_norm'\]\['bias'\] is \((1, 24|24,)\) there and "
+                                         r"\((1, 48|48,)\) in the model; start from a prior of this architecture$"):
         prior_training.check_params_fit(steps.initial_params(),
                                         jax.eval_shape(lambda: prior.init_params(wider, jax.random.PRNGKey(0))),
                                         "init_from X")
