@@ -30,7 +30,11 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # skimage: reference SSIM and sample photographs; nbclient, nbformat, ipykernel: executing notebooks/ in CI.
-    "test": ["pytest>=8.0", "scikit-image>=0.22", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+    "test": ["pytest>=8.0", "scikit-image>=0.22", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+             "selenium>=4.20"],  # selenium: the web app's browser tests (with Debian's chromium-driver)
+    # The web app (tools/serve.py). gradio 6.17.3 is the newest whose huggingface-hub range (<2) admits
+    # transformers<5's (<1.0); it also needs pillow<13. constraints/app.txt pins the rest of its dependencies.
+    "app": ["gradio==6.17.3", "gradio_client==2.5.0"],
     # Reading tfrecord-format TFDS datasets (tfds.load) needs TensorFlow; array_record datasets do not.
     "tf": ["tensorflow>=2.16"],
     # The taming-transformers parity test. torch 2.13.0 is a CPU build on the project's machines; add
@@ -46,8 +50,8 @@ setuptools.setup(
     description=__doc__,
     python_requires=">=3.11",  # jax >= 0.8 and flax >= 0.12 need it
     packages=setuptools.find_packages(include=["clipgen_jax", "clipgen_jax.*"]),
-    # OpenAI's CLIP BPE vocabulary and the shipped Shapes CLIPs (see clipgen_jax/assets/).
-    package_data={"clipgen_jax": ["assets/clip_bpe/*", "assets/clip/*", "assets/clip/*/*"]},
+    # OpenAI's CLIP BPE vocabulary, the shipped Shapes CLIPs, VQGAN and prior (see clipgen_jax/assets/).
+    package_data={"clipgen_jax": ["assets/clip_bpe/*", "assets/clip/*", "assets/clip/*/*", "assets/shapes/**/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )
