@@ -293,7 +293,8 @@ def _compare(clock: _Clock, out: pathlib.Path, prior_config, main: dict, previou
     the previous run's keeps its scores."""
     table = {METHOD_LABELS[key].format(num_candidates=num_candidates): main[key] for key in METHOD_LABELS}
 
-    def score(key: str, label: str, method_source, row_settings: dict, candidates: int, **sampling) -> None:
+    def score(key: str, label: str, method_source, method: generation.GenerateFn, row_settings: dict,
+              candidates: int) -> None:
         earlier = previous.get(label)
         if earlier is not None and earlier.get("settings") == row_settings:
             table[label] = clock.run(f"compare_evaluate_{key}", True, lambda: earlier)
@@ -301,7 +302,6 @@ def _compare(clock: _Clock, out: pathlib.Path, prior_config, main: dict, previou
         evaluate, _, _ = _heldout_evaluation(method_source, eval_clip, reference_config, seeds=seeds,
                                              images_per_prompt=images_per_prompt,
                                              feature_seeds=min(FEATURE_SEEDS, len(seeds)))
-        method = generation.pipeline_method(method_source, batch_size=SAMPLING_BATCH, **sampling)
         table[label] = clock.run(f"compare_evaluate_{key}", False,
                                  lambda: evaluate({label: (method, candidates)})[label])
         table[label]["settings"] = row_settings
@@ -314,15 +314,22 @@ def _compare(clock: _Clock, out: pathlib.Path, prior_config, main: dict, previou
         pipe = pipeline.Pipeline.load(out / "compare" / key)
         settings = {**main["settings"], "prior_weights_hash": checkpointing.params_hash(pipe.prior_params),
                     "guidance_scale": guidance_scale}
-        score(key, label, pipe, settings, num_candidates, guidance_scale=guidance_scale)
+        score(key, label, pipe,
+              generation.pipeline_method(pipe, batch_size=SAMPLING_BATCH, guidance_scale=guidance_scale), settings,
+              num_candidates)
 
     optimiser = vqgan_clip.VQGANCLIP.load(out / "vqgan", prior_config.clip)
     settings = {key: value for key, value in main["settings"].items() if not key.startswith("prior_")}
     settings.update(method="vqgan_clip", vqgan_weights_hash=checkpointing.params_hash(optimiser.vqgan_params),
                     clip_weights_hash=optimiser.clip.weights_hash(), num_candidates=VQGAN_CLIP_CANDIDATES,
                     optimisation=dataclasses.asdict(optimisation))
+
+    def optimise(texts, candidates, seed):  # the CLIP-best of `candidates` optimised images per text
+        return optimiser.generate(list(texts), num_candidates=candidates, keep=1, seed=seed,
+                                  batch_size=SAMPLING_BATCH, settings=optimisation)[0][:, 0]
+
     score("vqgan_clip", VQGAN_CLIP_LABEL.format(steps=optimisation.steps, candidates=VQGAN_CLIP_CANDIDATES),
-          optimiser, settings, VQGAN_CLIP_CANDIDATES, settings=optimisation)
+          optimiser, optimise, settings, VQGAN_CLIP_CANDIDATES)
     return table
 
 
