@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
-from clipgen_jax import checkpointing, numerics, sampling
+from clipgen_jax import checkpointing, numerics, packaged, sampling
 from clipgen_jax.data import precomputed
 from clipgen_jax.models import clip as clip_lib
 from clipgen_jax.models import prior as prior_lib
@@ -153,11 +153,16 @@ def _load_prior_checkpoint(workdir: pathlib.Path, step: int, dtype: Any) -> tupl
 def load_prior(path: str | pathlib.Path, dtype: Any = jnp.float32
                ) -> tuple[prior_lib.Prior, Any, dict, pathlib.Path | None]:
     """(model, params, metadata, bundle directory or None) of a prior bundle, or of a training workdir: its export, or
-    its latest checkpoint when that is newer (a run still training, or resumed past its export).
+    its latest checkpoint when that is newer (a run still training, or resumed past its export); or a packaged name
+    (`packaged.PRIORS`: "shapes").
 
     Files that differ from their manifest raise `checkpointing.CorruptCheckpointError`; in a workdir, as when training
     resumes, a damaged export or checkpoint is skipped with a warning naming the file, for the newest intact one (left
     where it is: a reader does not move a run's files)."""
+    if str(path) in packaged.PRIORS:
+        path = packaged.path(packaged.PRIORS[str(path)])
+        if not checkpointing.is_bundle(path):
+            raise FileNotFoundError(f"the packaged prior is missing from {path}; reinstall clipgen_jax")
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(

@@ -84,7 +84,7 @@ def test_official_preset_clips_top_k_to_the_vocabulary_and_yields_to_explicit_fl
 
 
 @pytest.mark.parametrize("case", ["empty_line", "empty_text", "unreadable_file", "too_long", "two_sources",
-                                  "no_default_prior", "guidance_without_null_embedding"])
+                                  "missing_prior", "guidance_without_null_embedding"])
 def test_prompt_problems_are_one_line_errors_and_leave_no_output(case, bundle, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
@@ -98,11 +98,12 @@ def test_prompt_problems_are_one_line_errors_and_leave_no_output(case, bundle, t
                      "prompt 0 is too long: .* at most 16 fit"),
         "two_sources": ([f"--text={PROMPTS[0]}", f"--prompts={prompts_file}"], REPO_ROOT,
                         "give exactly one of --text, --prompts and --image .got --text and --prompts."),
-        "no_default_prior": ([f"--text={PROMPTS[0]}"], tmp_path, "no prior at runs/shapes/prior: train one"),
+        "missing_prior": ([f"--text={PROMPTS[0]}", f"--prior={tmp_path / 'nothing'}"], REPO_ROOT,
+                          "no prior at .*nothing: train one"),
         "guidance_without_null_embedding": ([f"--text={PROMPTS[0]}", "--guidance_scale=2"], REPO_ROOT,
                                             r"guidance_scale=2.0 needs a prior trained with condition dropout"),
     }[case]
-    if case != "no_default_prior":
+    if case != "missing_prior":
         args.append(f"--prior={bundle}")
     result = _run(*args, f"--out={out}", cwd=cwd)
     assert result.returncode == 1

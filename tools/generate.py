@@ -4,7 +4,8 @@ images.
   python tools/generate.py --text "a small red circle in the top left on a black background" [--text ...]
   python tools/generate.py --prompts FILE        (one prompt per line; a final newline is fine, empty lines are not)
   python tools/generate.py --image PATH [--image ...]   (variations: conditioned on the image's CLIP embedding)
-      [--prior DIR (default runs/shapes/prior: a prior training workdir or an exported bundle)]
+      [--prior DIR (a prior training workdir, an exported bundle or a packaged name; default runs/shapes/prior
+       when it exists, else the packaged Shapes prior 'shapes')]
       [--vqgan DIR --clip NAME_OR_DIR (default: the prior's own, from its metadata)]
       [--num_candidates 16 --keep 1 --temperature 1 --top_k K --top_p P --guidance_scale 1 --seed 0]
       [--preset official (the paper's code: temperature 1, top_k 500, top_p 0.95, 64 candidates, keep 8)]
@@ -24,6 +25,7 @@ depends on the seed, the prompt's position in the list and its candidate index, 
 or the other prompts (up to a floating-point near tie; clipgen_jax/sampling.py).
 """
 
+import os
 import sys
 
 import numpy as np
@@ -35,6 +37,7 @@ from clipgen_jax import host_memory, pipeline, vqgan_clip
 from clipgen_jax.training import writer
 
 DEFAULT_PRIOR = "runs/shapes/prior"  # where tools/demo.py leaves the Shapes prior (docs/SHAPES.md)
+PACKAGED_PRIOR = "shapes"  # the Shapes prior shipped in the package, when there is no DEFAULT_PRIOR
 # Candidates per prompt when --num_candidates is not given: a VQGAN+CLIP candidate is a whole optimisation, so it
 # draws fewer.
 DEFAULT_CANDIDATES = {"prior": 16, "vqgan_clip": 4}
@@ -44,7 +47,8 @@ _METHOD = flags.DEFINE_string("method", "prior", f"How images are made: one of {
 _TEXT = flags.DEFINE_multi_string("text", None, "A prompt; repeat for several.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "A UTF-8 file with one prompt per line.")
 _IMAGE = flags.DEFINE_multi_string("image", None, "An image to make variations of; repeat for several.")
-_PRIOR = flags.DEFINE_string("prior", DEFAULT_PRIOR, "Prior training workdir or exported bundle.")
+_PRIOR = flags.DEFINE_string("prior", None, "Prior training workdir, exported bundle or packaged name (default: "
+                             f"{DEFAULT_PRIOR} when it exists, else {PACKAGED_PRIOR!r}).")
 _VQGAN = flags.DEFINE_string("vqgan", None, "VQGAN workdir or bundle (default: the prior's).")
 _CLIP = flags.DEFINE_string("clip", None, "CLIP Hub id, directory or packaged name (default: the prior's).")
 _NUM_CANDIDATES = flags.DEFINE_integer("num_candidates", None, "Images drawn per prompt before re-ranking "
@@ -138,7 +142,8 @@ def run() -> str:
         sources = list(_IMAGE.value)
         pixels = [_read_image(path) for path in sources]
     if method == "prior":
-        generator = pipeline.Pipeline.load(_PRIOR.value, vqgan=_VQGAN.value, clip=_CLIP.value)
+        prior = _PRIOR.value or (DEFAULT_PRIOR if os.path.exists(DEFAULT_PRIOR) else PACKAGED_PRIOR)
+        generator = pipeline.Pipeline.load(prior, vqgan=_VQGAN.value, clip=_CLIP.value)
         _clip_preset_top_k(options, generator.prior.vocab_size)
     else:
         generator = vqgan_clip.VQGANCLIP.load(_VQGAN.value, _CLIP.value)
