@@ -135,12 +135,13 @@ class Service:
         return gallery, grid_file.name, record, generation.command
 
     def warm_up(self) -> None:
-        """Compiles both request paths at the default settings before the server says it is ready."""
-        controls = list(DEFAULTS.values())
-        self.generate(shapes.canonical_caption(shapes.heldout_combinations()[0]), None, controls)
+        """Compiles before the server says it is ready: the text and image paths, the sampler without and with top-k
+        and top-p filtering (their values are traced: any later value reuses these)."""
+        self.generate(shapes.canonical_caption(shapes.heldout_combinations()[0]), None, list(DEFAULTS.values()))
         blank = self.out_dir / "warm_up.png"
         Image.new("RGB", (self.pipe.image_size, self.pipe.image_size)).save(blank)
-        self.generate(None, str(blank), controls)
+        filtered = {**DEFAULTS, "top_k": self.pipe.prior.vocab_size, "top_p": 0.9}
+        self.generate(None, str(blank), list(filtered.values()))
 
 
 def _handler(service: Service, with_image: bool):

@@ -10,12 +10,10 @@ network interface, an explicit choice (there is no authentication). One request 
 wait, and a request beyond that gets "Queue is full! Please try again.".
 """
 
-import sys
-
 from absl import app, flags
 
 from clipgen_jax import app as app_lib
-from clipgen_jax import host_memory, pipeline
+from clipgen_jax import cli, host_memory, pipeline
 from clipgen_jax.training import writer
 
 _PRIOR = flags.DEFINE_string("prior", "shapes", "Prior training workdir, exported bundle or packaged name.")
@@ -42,9 +40,8 @@ def main(argv):
         if min(limits.max_candidates, limits.max_prompt_chars, limits.queue_size) < 1:
             raise ValueError("--max_candidates, --max_prompt_chars and --queue_size must be at least 1")
         pipe = pipeline.Pipeline.load(_PRIOR.value, vqgan=_VQGAN.value, clip=_CLIP.value)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except (OSError, ValueError) as error:  # a missing prior, mismatched models, bad limits: the message says why
+        cli.fail(str(error))
     service = app_lib.Service(pipe, limits)
     print("compiling (warm-up request)...", flush=True)
     service.warm_up()
@@ -55,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
