@@ -135,6 +135,21 @@ def write_report(results_dir: pathlib.Path) -> pathlib.Path:
               ""] + _table(
         ["date", "device", "shape", "images", "tokens", "official s", "this project s", "first call s (compiles)",
          "speedup", "torch threads", "malloc keeps freed memory"], official_rows) + [""]
+    serve_rows = [[r["date"], r["device"], r["prior"], f"{r['num_candidates']} / {r['keep']}",
+                   _number(r["ready_seconds"]), _number(r["repeated_setting_seconds"]["p50"], 2),
+                   _number(r["repeated_setting_seconds"]["p95"], 2), _number(r["unseen_setting_seconds"]["p50"], 2),
+                   _number(r["unseen_setting_seconds"]["p95"], 2), f"{r['clients']} x {r['requests_per_client']}",
+                   f"{r['answered_correctly']} / {r['dropped']}", _number(r["concurrent_latency_seconds"]["p50"], 2),
+                   _number(r["concurrent_latency_seconds"]["p95"], 2), _number(r["concurrent_requests_per_second"], 2),
+                   _number(r["server_peak_rss_mb"], 0)]
+                  for r in _read(results_dir / "serve_load.jsonl")]
+    lines += ["## Web app (tools/serve.py under load)", "",
+              "benchmarks/serve_load.py (not in the suite's plan): gradio_client requests on loopback. One client alone "
+              "at a repeated sampling setting and at an unseen one (new temperature, top-k, top-p: no recompilation), "
+              "then concurrent clients, whose latency includes the queue (one request runs at a time).", ""] + _table(
+        ["date", "device", "prior", "candidates / kept", "ready s", "repeated p50 s", "repeated p95 s",
+         "unseen p50 s", "unseen p95 s", "clients x requests", "answered / dropped", "concurrent p50 s",
+         "concurrent p95 s", "requests/s", "server peak RSS MB"], serve_rows) + [""]
     path = results_dir / "RESULTS.md"
     path.write_text("\n".join(lines))
     return path
