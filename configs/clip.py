@@ -9,6 +9,10 @@ Presets:
   shapes_eval  the same with another seed and data order: "shapes-clip-eval", which only scores generated images.
   vit_b32      OpenAI's ViT-B/32 from scratch on captioned data of your own (set data.*); accelerators. Not trained.
   finetune     fine-tunes a loaded CLIP (model.init_from, default openai/clip-vit-base-patch32) on your captions.
+  emoji        a domain CLIP on the Unicode names beside runs/emoji/images (sidecar captions), training part only:
+               ViT and text transformer 2 x 128, 64-d, 800 steps of batch 64. 2 CPU cores shared, 2026-12-06: 9.4 min.
+               Validation part (132 pairs): retrieval top-1 6.1%, top-5 18.2% either way (chance 0.8%, 3.8%).
+  emoji_eval   the same on every image (data.validation_fraction=0) with seed 1: scores generated emoji (13.4 min).
   tiny         a 1-layer model on the `tiny` Shapes build; seconds on a CPU, for tests.
 """
 
@@ -49,6 +53,18 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         config.export_dtype = "float16"
         if preset == "shapes_eval":
             config.seed = 1
+    elif preset in ("emoji", "emoji_eval"):
+        config.data.update(source="folder", folder="runs/emoji/images", image_size=32)
+        # Noto Color Emoji's Unicode names are at most 18 CLIP tokens with the start and end tokens.
+        config.model.update(image_size=32, patch_size=4, vision_width=128, vision_layers=2, vision_heads=4,
+                            text_width=128, text_layers=2, text_heads=4, context_length=18, projection_dim=64,
+                            hidden_act="gelu")
+        config.optimizer.update(learning_rate=1e-3, warmup_steps=100, final_lr_fraction=0.05, weight_decay=0.1)
+        config.train.update(steps=800, batch_size=64, eval_batch_size=128, log_every=100, eval_every=400,
+                            checkpoint_every=400)
+        if preset == "emoji_eval":
+            config.seed = 1
+            config.data.validation_fraction = 0.0
     elif preset == "vit_b32":
         config.data.update(source="tfds", name="coco_captions", image_size=224, crop="random")
         config.train.update(steps=100_000, batch_size=4096, eval_batch_size=1024, eval_every=5000,
@@ -68,5 +84,5 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         config.train.update(steps=6, batch_size=8, eval_batch_size=8, log_every=2, eval_every=3, checkpoint_every=3)
     else:
         raise ValueError(f"unknown preset {preset!r} for configs/clip.py; use shapes, shapes_eval, vit_b32, "
-                         "finetune or tiny")
+                         "finetune, emoji, emoji_eval or tiny")
     return config

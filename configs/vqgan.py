@@ -10,6 +10,10 @@ Presets:
                       8+ accelerators for days, not trained in this project. Needs ImageNet as TFDS and the LPIPS
                       weights (`python -m clipgen_jax.models.lpips --fetch`).
   coco_f16_16384      the same architecture on COCO (TFDS `coco/2017`). Not trained here.
+  emoji               the shapes model on runs/emoji/images (tools/make_emoji_folder.py: 1,375 glyphs at 32 px), its
+                      training part (1,243); 3000 steps of batch 8. 2 CPU cores shared with other jobs, 2026-12-06:
+                      41.7 min (15.0 CPU-minutes). Validation part (132): PSNR 22.4 dB, SSIM 0.775, LPIPS 0.156,
+                      all 256 codes used (docs/experiments.md, "Real images: emoji").
   tiny                a few steps of a very small model with the GAN on; seconds on a CPU, for tests.
 """
 
@@ -78,6 +82,14 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
         # Small batches, many steps, at equal images seen (docs/experiments.md, VQGAN).
         config.train.update(steps=6000, batch_size=8, eval_batch_size=64, log_every=100, eval_every=3000,
                             checkpoint_every=3000)
+    elif preset == "emoji":
+        config.data.update(source="folder", folder="runs/emoji/images", image_size=32)
+        config.model.update(ch=32, num_res_blocks=1, norm_groups=8, code_dim=8, codebook_size=256,
+                            encoder_attention=False)
+        config.loss.gradient_weight = 1.0  # glyphs fill the frame: no foreground weighting
+        config.optimizer.update(learning_rate=1e-3, schedule="cosine", warmup_steps=100)
+        config.train.update(steps=3000, batch_size=8, eval_batch_size=64, log_every=100, eval_every=1500,
+                            checkpoint_every=1500)
     elif preset == "tiny":
         config.data.update(source="shapes", name="tiny", image_size=32)
         config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), z_channels=32,
@@ -88,5 +100,5 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
                             checkpoint_every=6, ema_decay=0.9)
     else:
         raise ValueError(f"unknown preset {preset!r} for configs/vqgan.py; use imagenet_f16_16384, coco_f16_16384, "
-                         f"shapes or tiny")
+                         f"shapes, emoji or tiny")
     return config
