@@ -12,7 +12,7 @@ NO_DEPS = {"taming-transformers-rom1504", "lpips"}  # installed with --no-deps (
 HEADER = """\
 # Versions verified together: `make install-test` installs with these pins and `make test` passes on them, on
 # Python 3.11, CPU, x86-64 Linux (they also resolve on 3.12; jax >= 0.8 needs Python >= 3.11). torch is the CPU
-# build: add --extra-index-url https://download.pytorch.org/whl/cpu where pip's default torch is a CUDA one.
+# build (torch==2.13.0; where pip's default torch is a CUDA one, point pip at a CPU wheel of it).
 # Refresh: `make constraints` (the newest versions within setup.py's ranges, written here), then `make test`.
 """
 
