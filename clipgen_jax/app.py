@@ -6,8 +6,8 @@ that reproduces them. One request runs at a time (the model has the machine to i
 wait, and beyond that Gradio answers "Queue is full! Please try again.".
 
 Offline by construction: Gradio's analytics and version check are off, the theme uses the system's fonts (Gradio's
-default loads web fonts), and nothing else the page loads comes from another host (tests/test_serve.py checks this
-in a real browser).
+default loads web fonts), and nothing else the page loads comes from another host (tests/test_serve.py reads the
+page for other hosts; tests/test_serve_browser.py checks what a real browser loads).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class Service:
         try:
             with Image.open(image_path) as image:
                 pixels = pipeline.image_pixels(image)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
             raise ValueError(f"cannot read the uploaded image ({error}); upload a PNG or JPEG") from None
         return self.pipe.clip.embed_images(pixels[None])[0]
 
@@ -137,10 +137,11 @@ class Service:
     def warm_up(self) -> None:
         """Compiles before the server says it is ready: the text and image paths, the sampler without and with top-k
         and top-p filtering (their values are traced: any later value reuses these)."""
-        self.generate(shapes.canonical_caption(shapes.heldout_combinations()[0]), None, list(DEFAULTS.values()))
+        defaults = {**DEFAULTS, "num_candidates": min(DEFAULTS["num_candidates"], self.limits.max_candidates)}
+        self.generate(shapes.canonical_caption(shapes.heldout_combinations()[0]), None, list(defaults.values()))
         blank = self.out_dir / "warm_up.png"
         Image.new("RGB", (self.pipe.image_size, self.pipe.image_size)).save(blank)
-        filtered = {**DEFAULTS, "top_k": self.pipe.prior.vocab_size, "top_p": 0.9}
+        filtered = {**defaults, "top_k": self.pipe.prior.vocab_size, "top_p": 0.9}
         self.generate(None, str(blank), list(filtered.values()))
 
 

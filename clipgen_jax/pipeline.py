@@ -159,7 +159,7 @@ def load_prior(path: str | pathlib.Path, dtype: Any = jnp.float32
     Files that differ from their manifest raise `checkpointing.CorruptCheckpointError`; in a workdir, as when training
     resumes, a damaged export or checkpoint is skipped with a warning naming the file, for the newest intact one (left
     where it is: a reader does not move a run's files)."""
-    if str(path) in packaged.PRIORS:
+    if str(path) in packaged.PRIORS and not pathlib.Path(path).exists():  # a local directory of that name wins
         path = packaged.path(packaged.PRIORS[str(path)])
         if not checkpointing.is_bundle(path):
             raise FileNotFoundError(f"the packaged prior is missing from {path}; reinstall clipgen_jax")

@@ -4,7 +4,6 @@ evaluation CLIP, precompute, train a prior, and tools/evaluate.py scores the VQG
 folder's validation part, which no stage trained on. Needs Debian's fonts-noto-color-emoji (.ci/run installs it)."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 
 from clipgen_jax import precompute, training
 from clipgen_jax.data import images, precomputed
+from clipgen_jax.models import lpips
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -85,7 +85,7 @@ def test_emoji_example_at_a_tiny_size(tmp_path):
     scores = json.loads(_tool("evaluate.py", "vqgan", f"--vqgan={tmp_path / 'vqgan'}", f"--out={out}"))
     assert scores["split"] == "validation" and scores["num_images"] == len(validation)
     assert scores["data"] == f"folder:{folder} (validation part, 10%)"
-    assert ("lpips" in scores) == pathlib.Path(os.environ.get("CLIPGEN_LPIPS_WEIGHTS", "/nonexistent")).is_file()
+    assert ("lpips" in scores) == lpips.default_weights_path().is_file()
 
     out = tmp_path / "generation.json"
     _tool("evaluate.py", "prior", f"--prior={tmp_path / 'prior'}", f"--eval_clip={clips['emoji_eval'] / 'export'}",

@@ -15,7 +15,7 @@ import urllib.request
 import numpy as np
 import pytest
 from PIL import Image
-from test_pipeline import save_prior_bundle, tiny_models
+from helpers import save_prior_bundle, tiny_models
 
 gradio_client = pytest.importorskip("gradio_client", reason="the app extra: pip install -e '.[app]'")
 

@@ -144,6 +144,6 @@ def test_variations_of_an_uploaded_image_in_the_browser(server_url, browser, art
     WebDriverWait(browser, 60).until(
         expected_conditions.element_to_be_clickable((By.XPATH, "//button[@role='tab'][contains(., 'Image')]"))).click()
     browser.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(upload))
-    WebDriverWait(browser, 60).until(
-        lambda d: "upload.png" in d.find_element(By.ID, "image").text)
+    WebDriverWait(browser, 60).until(  # the uploaded file's download link (its name's text is split over elements)
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#image a[download='upload.png']"))
     _generate_and_check(browser, server_url, "generate_variations", artifacts / "serve_variations.png")

@@ -17,6 +17,8 @@ import unicodedata
 from absl import app, flags
 from PIL import Image, ImageDraw, ImageFont
 
+from clipgen_jax import cli
+
 DEFAULT_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 STRIKE_SIZE = 109  # the only size of Noto Color Emoji's CBDT bitmaps
 BACKGROUND = (255, 255, 255)
@@ -75,7 +77,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _OUT.value:
-        raise app.UsageError("--out is required: the folder to write the images and captions into")
+        cli.fail("--out is required: the folder to write the images and captions into")
     try:
         count = write_folder(_FONT.value, pathlib.Path(_OUT.value), _SIZE.value, _LIMIT.value)
     except (OSError, ValueError) as error:
@@ -84,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

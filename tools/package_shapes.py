@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from clipgen_jax import checkpointing, host_memory, pipeline
+from clipgen_jax import checkpointing, cli, host_memory, pipeline
 from clipgen_jax.data import shapes
 from clipgen_jax.models import clip as clip_lib
 from clipgen_jax.training import writer
@@ -61,8 +61,8 @@ def main(argv):
 
     full = pipeline.Pipeline.load(prior_bundle)
     if full.metadata["clip"] not in clip_lib.PACKAGED:
-        raise app.UsageError(f"the prior's CLIP {full.metadata['clip']} is not shipped with the package, so the packaged "
-                             f"prior could not find it; package a prior trained with one of {sorted(clip_lib.PACKAGED)}")
+        cli.fail(f"the prior's CLIP {full.metadata['clip']} is not shipped with the package, so the packaged prior "
+                 f"could not find it; package a prior trained with one of {sorted(clip_lib.PACKAGED)}")
     half_params = jax.tree.map(lambda x: x.astype(jnp.float16), full.prior_params)
     half = dataclasses.replace(full, prior_params=jax.tree.map(lambda x: x.astype(jnp.float32), half_params))
     scores = {"float32": heldout_accuracy(full), "float16": heldout_accuracy(half)}
@@ -73,8 +73,8 @@ def main(argv):
               file=sys.stderr)
         sys.exit(1)
 
-    if out.exists():
-        shutil.rmtree(out)
+    for bundle in ("vqgan", "prior"):  # only the bundles: the folder's README stays
+        shutil.rmtree(out / bundle, ignore_errors=True)
     vqgan_metadata = _relayout(checkpointing.load_bundle_metadata(vqgan_bundle), str(run))
     checkpointing.save_bundle(out / "vqgan", full.vqgan_params, vqgan_metadata)
     prior_metadata = _relayout(dict(full.metadata), str(run))
@@ -91,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -40,11 +40,11 @@ def main(argv):
         if min(limits.max_candidates, limits.max_prompt_chars, limits.queue_size) < 1:
             raise ValueError("--max_candidates, --max_prompt_chars and --queue_size must be at least 1")
         pipe = pipeline.Pipeline.load(_PRIOR.value, vqgan=_VQGAN.value, clip=_CLIP.value)
+        service = app_lib.Service(pipe, limits)
+        print("compiling (warm-up request)...", flush=True)
+        service.warm_up()
     except (OSError, ValueError) as error:  # a missing prior, mismatched models, bad limits: the message says why
         cli.fail(str(error))
-    service = app_lib.Service(pipe, limits)
-    print("compiling (warm-up request)...", flush=True)
-    service.warm_up()
     demo = app_lib.build(service, app_lib.default_examples(pipe.metadata))
     url = app_lib.launch(demo, _HOST.value, _PORT.value)
     print(f"ready: {url}", flush=True)
