@@ -23,7 +23,8 @@ from absl import app, flags
 from clipgen_jax.models import lpips
 
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "benchmarks/results", "Where the JSON lines and RESULTS.md go.")
-_ONLY = flags.DEFINE_list("only", None, "Run only these benchmarks (prior, vqgan, precompute, prior_batch128).")
+_ONLY = flags.DEFINE_list("only", None, "Run only these benchmarks (prior, vqgan, vqgan_2cpu, precompute, "
+                           "prior_batch128).")
 _TIMEOUT = flags.DEFINE_integer("timeout", 900, "Seconds each benchmark may run.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite RESULTS.md from the JSON lines.")
 
@@ -42,6 +43,7 @@ def _plan(backend: str) -> dict[str, list[str]]:
         # The presets' batch sizes (16, 8), and enough steps that the 2 cores' jitter averages out.
         return {"prior": ["prior_speed.py", "--preset=shapes", "--batch_size=16", "--steps=300"],
                 "vqgan": ["vqgan_speed.py", "--preset=shapes", "--steps=100"],
+                "vqgan_2cpu": ["vqgan_speed.py", "--preset=shapes", "--steps=100", "--cpu_devices=2"],
                 "precompute": ["precompute_speed.py", "--preset=shapes"]}
     vqgan_lpips = [] if lpips.default_weights_path().is_file() else ["--random_lpips"]
     return {"prior": ["prior_speed.py", "--preset=gpt2_medium", "--batch_size=64"],
@@ -106,14 +108,14 @@ def write_report(results_dir: pathlib.Path) -> pathlib.Path:
         ["date", "device", "preset", "dtype", "batch", "train tokens/s", "MFU", "sample s (cached)",
          "sample s (cached, guided)", "sample s (naive)", "malloc keeps freed memory", "overrides"],
         prior_rows) + [""]
-    vqgan_rows = [[r["date"], r["device"], r["preset"], r["compute_dtype"], str(r["batch_size"]),
+    vqgan_rows = [[r["date"], r["device"], str(r.get("device_count", 1)), r["preset"], r["compute_dtype"], str(r["batch_size"]),
                    "yes" if r["perceptual"] else "no", "yes" if r["gan"] else "no",
                    _number(r["train_images_per_second"]), _number(r.get("train_tflop_per_image"), 3),
                    _percent(r.get("mfu")), _number(r["encode_images_per_second"]),
                    _number(r["decode_images_per_second"]), _yes_no(r.get("malloc_keeps_freed_memory"))]
                   for r in _read(results_dir / "vqgan_speed.jsonl")]
     lines += ["## VQGAN (generator + discriminator step)", ""] + _table(
-        ["date", "device", "preset", "dtype", "batch", "LPIPS", "GAN", "train images/s", "TFLOP/image", "MFU",
+        ["date", "device", "devices", "preset", "dtype", "batch", "LPIPS", "GAN", "train images/s", "TFLOP/image", "MFU",
          "encode images/s", "decode images/s", "malloc keeps freed memory"], vqgan_rows) + [""]
     precompute_rows = [[r["date"], r["device"], r["preset"], r["compute_dtype"], str(r["num_images"]),
                         _number(r["end_to_end_seconds"]), _number(r["end_to_end_images_per_second"]),

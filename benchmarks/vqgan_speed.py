@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from clipgen_jax import training
+from clipgen_jax import parallel, training
 from clipgen_jax.models import lpips
 from clipgen_jax.training import vqgan as vqgan_training
 
@@ -34,6 +34,8 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 989.0, "Peak dense TFLOP/s of o
 _OVERRIDES = flags.DEFINE_multi_string("set", [], "Config overrides, e.g. --set=model.ch=32.")
 _RANDOM_LPIPS = flags.DEFINE_bool("random_lpips", False, "Time the perceptual loss with random LPIPS weights "
                                    "(speed does not depend on them) instead of the fetched ones.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 1, "On the CPU: present it as this many devices and split the batch "
+                                    "over them (tools/train.py --cpu_devices).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/vqgan_speed.jsonl", "JSON-lines results file.")
 
 
@@ -63,6 +65,7 @@ def _flops(compiled) -> float | None:
 
 def main(argv):
     del argv
+    parallel.split_cpu(_CPU_DEVICES.value)
     host_setting = results_file.set_up_host()
     config = training.load_config(f"configs/vqgan.py:{_PRESET.value}")
     config.train.compute_dtype = _COMPUTE_DTYPE.value
@@ -77,8 +80,10 @@ def main(argv):
             random_params, pathlib.Path(tempfile.mkdtemp()) / "random_lpips.npz"))
     stage = vqgan_training.VQGANStage(config)
     size = config.model.resolution
-    images = jax.random.uniform(jax.random.PRNGKey(0), (batch_size, size, size, 3), minval=-1.0, maxval=1.0)
-    state = jax.jit(stage.init_state)(jax.random.PRNGKey(0))
+    mesh = parallel.make_mesh()
+    images = jax.device_put(jax.random.uniform(jax.random.PRNGKey(0), (batch_size, size, size, 3), minval=-1.0,
+                                               maxval=1.0), parallel.batch_sharding(mesh))
+    state = jax.jit(stage.init_state, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
 
     compile_start = time.perf_counter()
     step = jax.jit(stage.train_step, donate_argnums=0).lower(state, {"image": images}).compile()
@@ -88,6 +93,8 @@ def main(argv):
     start = time.perf_counter()
     for _ in range(_STEPS.value):
         state, metrics = step(state, {"image": images})
+        if parallel.must_block_each_step():  # as the training loop does
+            jax.block_until_ready(metrics)
     jax.block_until_ready(metrics)
     step_seconds = (time.perf_counter() - start) / _STEPS.value
 
@@ -100,7 +107,8 @@ def main(argv):
     on_accelerator = jax.default_backend() != "cpu"
     result = {
         "date": datetime.date.today().isoformat(),
-        "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "device_count": 1,
+        "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
         "preset": _PRESET.value, "overrides": _OVERRIDES.value, "batch_size": batch_size,
         "compute_dtype": jnp.dtype(stage.model.dtype).name, **host_setting,
         "perceptual": stage.use_perceptual, "random_lpips": _RANDOM_LPIPS.value, "gan": stage.use_gan,

@@ -1,4 +1,8 @@
-"""Mesh and sharding rules (on the single CPU device, plus the pure parameter-spec logic)."""
+"""Mesh and sharding rules (on the single CPU device, plus the pure parameter-spec logic), and splitting the CPU."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -85,3 +89,24 @@ def test_to_host_gives_numpy_copies():
     host = parallel.to_host(tree)
     assert isinstance(host["a"], np.ndarray) and isinstance(host["b"][0], np.ndarray)
     np.testing.assert_array_equal(host["a"], [0.0, 1.0, 2.0])
+
+
+def test_split_cpu_presents_the_cores_as_devices_before_jax_starts():
+    """In a fresh process (this one's backend already exists): two CPU devices, refused once devices exist."""
+    script = """
+import jax
+from clipgen_jax import parallel
+parallel.split_cpu(2)
+print(len(jax.devices("cpu")))
+try:
+    parallel.split_cpu(3)
+except RuntimeError as error:
+    print("refused:", error)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, refusal = result.stdout.splitlines()
+    assert count == "2" and refusal.startswith("refused: split_cpu(3) must run before JAX initialises its devices")
+    with pytest.raises(ValueError, match="cpu_devices=0 must be at least 1"):
+        parallel.split_cpu(0)

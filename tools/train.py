@@ -16,6 +16,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and provenance.")
 _MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() (default: detect from env).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Present the CPU as this many devices, data parallel over its "
+                                    "cores (2 on 2 cores: the Shapes VQGAN trains 1.27x faster); no effect on GPU/TPU. "
+                                    "Default: JAX's (one, or what XLA_FLAGS says).")
 flags.mark_flags_as_required(["config", "workdir"])
 # An empty --workdir= would otherwise train into the current directory.
 flags.register_validator("workdir", lambda value: value is None or bool(value.strip()),
@@ -29,6 +32,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     writer.configure_console_logging()
+    if _CPU_DEVICES.value is not None:
+        try:
+            parallel.split_cpu(_CPU_DEVICES.value)
+        except ValueError as e:
+            cli.fail(str(e))
     parallel.initialize_multihost(_MULTIHOST.value)
     host_memory.keep_freed_memory()
     try:
