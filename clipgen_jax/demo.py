@@ -344,7 +344,7 @@ def curve_panels(out: pathlib.Path, compare_keys: list[str]) -> list[curves.Pane
         ("prior", "cross-entropy (nats per token)",
          [("train", prior, "train/cross_entropy"), ("validation", prior, "eval/cross_entropy")]
          + [(f"{key}: validation", workdir, "eval/cross_entropy") for key, workdir in variants]),
-        ("prior: held-out prompts, Shapes oracle", "all-attribute accuracy (training-time evaluation)",
+        ("prior: held-out tuning half, Shapes oracle", "all-attribute accuracy (training-time evaluation)",
          [("language-free", prior, "eval/shapes/all")]
          + [(key, workdir, "eval/shapes/all") for key, workdir in variants]),
     ]

@@ -56,9 +56,10 @@ def get_config(preset: str = "shapes") -> ml_collections.ConfigDict:
     config.optimizer.accumulation_steps = 1  # micro-batches per step, their gradients summed in one jitted step
     config.eval = ml_collections.ConfigDict(dict(
         # Prompts sampled at each evaluation point into a grid (images/prompt_samples_STEP.png). On Shapes the
-        # canonical captions of the first `heldout_prompts` held-out combinations are used instead, and scored.
+        # canonical captions of the first `heldout_prompts` held-out combinations of the tuning half are used
+        # instead, and scored (the test half is left for the reported figures).
         prompts=(),
-        heldout_prompts=96,
+        heldout_prompts=48,
         temperature=1.0,
         top_k=ml_collections.config_dict.placeholder(int),
         top_p=ml_collections.config_dict.placeholder(float),

@@ -106,7 +106,7 @@ def test_quick_demo_writes_results_and_reuses_finished_stages(tmp_path):
     assert compared["budget"][-1]["stage"] == "total with --compare"
     assert "## Comparison (`--compare`)" in (out / "results.md").read_text()
     drawn = curves.plot_curves(demo.curve_panels(out, [key for key, *_ in demo.COMPARE_PRIORS]), tmp_path / "c.png")
-    assert drawn == ["VQGAN", "VQGAN reconstruction", "prior", "prior: held-out prompts, Shapes oracle"]
+    assert drawn == ["VQGAN", "VQGAN reconstruction", "prior", "prior: held-out tuning half, Shapes oracle"]
 
 
 @pytest.mark.slow

@@ -259,11 +259,13 @@ class PriorStage(PriorSteps):
                              "cond.source='image' or precompute a captioned source")
         self.grid_shape = tuple(self.dataset_metadata["grid_shape"])
 
-        # Evaluation prompts: on Shapes the held-out canonical captions (the oracle scores them), else eval.prompts.
+        # Evaluation prompts: on Shapes the canonical captions of the held-out tuning half (the oracle scores them; the
+        # test half stays for the reported figures, docs/SHAPES.md), else eval.prompts.
         self.is_shapes = (self.dataset_metadata["source"]["source"] == "shapes"
                           and bool(self.dataset_metadata.get("labels")))
         if self.is_shapes:
-            self.eval_attributes = shapes.heldout_combinations()[:config.eval.heldout_prompts]
+            tuning = [shapes.heldout_combinations()[i] for i in shapes.heldout_half("tuning")]
+            self.eval_attributes = tuning[:config.eval.heldout_prompts]
             self.eval_prompts = [shapes.canonical_caption(attrs) for attrs in self.eval_attributes]
         else:
             self.eval_attributes, self.eval_prompts = None, list(config.eval.prompts)
