@@ -108,15 +108,16 @@ def write_report(results_dir: pathlib.Path) -> pathlib.Path:
         ["date", "device", "preset", "dtype", "batch", "train tokens/s", "MFU", "sample s (cached)",
          "sample s (cached, guided)", "sample s (naive)", "malloc keeps freed memory", "overrides"],
         prior_rows) + [""]
-    vqgan_rows = [[r["date"], r["device"], str(r.get("device_count", 1)), r["preset"], r["compute_dtype"], str(r["batch_size"]),
+    vqgan_rows = [[r["date"], r["device"], str(r.get("device_count", 1)), r["preset"], r["compute_dtype"],
+                   str(r["batch_size"]),
                    "yes" if r["perceptual"] else "no", "yes" if r["gan"] else "no",
                    _number(r["train_images_per_second"]), _number(r.get("train_tflop_per_image"), 3),
                    _percent(r.get("mfu")), _number(r["encode_images_per_second"]),
                    _number(r["decode_images_per_second"]), _yes_no(r.get("malloc_keeps_freed_memory"))]
                   for r in _read(results_dir / "vqgan_speed.jsonl")]
     lines += ["## VQGAN (generator + discriminator step)", ""] + _table(
-        ["date", "device", "devices", "preset", "dtype", "batch", "LPIPS", "GAN", "train images/s", "TFLOP/image", "MFU",
-         "encode images/s", "decode images/s", "malloc keeps freed memory"], vqgan_rows) + [""]
+        ["date", "device", "devices", "preset", "dtype", "batch", "LPIPS", "GAN", "train images/s", "TFLOP/image",
+         "MFU", "encode images/s", "decode images/s", "malloc keeps freed memory"], vqgan_rows) + [""]
     precompute_rows = [[r["date"], r["device"], r["preset"], r["compute_dtype"], str(r["num_images"]),
                         _number(r["end_to_end_seconds"]), _number(r["end_to_end_images_per_second"]),
                         ", ".join(f"{k} {v}" for k, v in r["part_images_per_second"].items()), r["bound_by"],

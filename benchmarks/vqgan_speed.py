@@ -116,7 +116,8 @@ def main(argv):
         "encode_images_per_second": batch_size / encode_seconds,
         "decode_images_per_second": batch_size / decode_seconds,
         "train_step_compile_seconds": compile_seconds,
-        "train_tflop_per_image": step_flops / batch_size / 1e12 if step_flops else None,
+        # XLA counts one device's share of the step.
+        "train_tflop_per_image": step_flops * jax.device_count() / batch_size / 1e12 if step_flops else None,
         "mfu": (step_flops / step_seconds / (_PEAK_TFLOPS.value * 1e12)) if (step_flops and on_accelerator) else None,
     }
     results_file.append(_OUT.value, result)

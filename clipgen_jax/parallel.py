@@ -83,9 +83,9 @@ def initialize_multihost(enabled: bool | None = None) -> None:
 def split_cpu(devices: int) -> None:
     """Presents the host CPU as `devices` JAX devices, so that the mesh's data axis splits each batch over the cores.
 
-    XLA:CPU spreads one small convolution poorly over cores: on 2 cores the Shapes VQGAN trains 1.27x faster as 2
-    devices, the Shapes prior as fast (docs/experiments.md, "Demo runs"). Call it before anything touches a device;
-    GPUs and TPUs are unaffected. The loss trajectory matches one device's within float rounding."""
+    XLA:CPU spreads one small convolution poorly over cores: on 2 cores the Shapes VQGAN trains 1.5x faster as 2
+    devices, the Shapes prior as fast (docs/experiments.md, "Performance history"). Call it before anything touches
+    a device; GPUs and TPUs are unaffected. The loss trajectory matches one device's within float rounding."""
     if devices < 1:
         raise ValueError(f"cpu_devices={devices} must be at least 1")
     try:

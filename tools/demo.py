@@ -22,7 +22,7 @@ _EVAL_CLIP = flags.DEFINE_string("eval-clip", demo.EVAL_CLIP, "The CLIP that sco
 _COMPARE = flags.DEFINE_bool("compare", False, "Also train and score the ablations (embedding noise, guidance) and the "
                               "text-supervised prior into one table (budget on a 2-core CPU: 90 minutes in all).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", min(2, os.cpu_count() or 1), "Present the CPU as this many devices, "
-                                    "data parallel over its cores (the VQGAN trains 1.27x faster as 2 on 2 cores).")
+                                    "data parallel over its cores (the VQGAN trains 1.5x faster as 2 on 2 cores).")
 _TRAIN_CLIP = flags.DEFINE_bool("train-clip", False, "Train the CLIP from scratch into OUT/clip "
                                 "(configs/clip.py:shapes, :tiny with --quick) and use OUT/clip/export.")
 

