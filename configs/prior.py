@@ -5,8 +5,8 @@ Command:   python tools/train.py --config=configs/prior.py:PRESET --workdir=DIR
 Presets:
   shapes       configs/precompute.py:shapes output (Shapes VQGAN tokens, "shapes-clip" image embeddings).
                2 CPU cores, 2026-11-28: 9.0 min alone (543 s, compilation, 4 evaluations and export included).
-               2026-12-06 run, test half of the held-out prompts, re-ranked, strict oracle: all five 29.9%, shape
-               35.4% (lenient 70.8%, 81.2%); tools/evaluate.py prior --prior=DIR --images_per_prompt=1.
+               2026-12-08 make demo (slower machine, 8.4 min), test half of the held-out prompts, re-ranked, strict
+               oracle: all five 41.7%, shape 48.6% (lenient 75.0%, 83.3%); 55.6% on shapes_long VQGAN tokens.
   gpt2_medium  the paper's prior (24 x 1024, 16 heads, bf16) on configs/precompute.py:imagenet output.
                8+ accelerators for days; not trained in this project.
   gpt2_large   the same at 36 x 1280, 20 heads; FSDP over 8 devices, 2 accumulated micro-batches. Not trained here.
